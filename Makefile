@@ -1,0 +1,35 @@
+# Two entry points do all the setup: `make demo` and `make test`.
+# Both create .venv and install cmdlog into it on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UNICODE_DATA := /usr/share/unicode/DerivedNormalizationProps.txt
+
+.PHONY: demo test test-quick lint unicode-data
+
+$(BIN)/cmdlog: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/cmdlog
+
+# The username tests compare against Unicode's own data files.
+unicode-data:
+	@test -f $(UNICODE_DATA) || (apt-get update -qq && apt-get install -y -qq unicode-data)
+
+demo: $(BIN)/cmdlog
+	$(BIN)/cmdlog demo
+
+# The quick suite, then the thorough one (tests marked slow).
+test: $(BIN)/cmdlog unicode-data
+	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m slow
+
+test-quick: $(BIN)/cmdlog unicode-data
+	$(BIN)/pytest -q
+
+lint: $(BIN)/cmdlog
+	$(BIN)/ruff format --check cmdlog tests bench
+	$(BIN)/ruff check cmdlog tests bench
+	$(BIN)/mypy

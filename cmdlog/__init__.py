@@ -1,0 +1,1 @@
+"""cmdlog: a replicated command log for actions that must never happen twice."""

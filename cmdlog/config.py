@@ -1,0 +1,51 @@
+"""Named limits and defaults, in one place.
+
+Every queue, batch, buffer and retry loop in cmdlog is bounded by a value
+defined here, so an operator can find and change each bound by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+FORMAT_VERSION = 1
+"""Version of the on-disk layout; a node refuses a data directory of another."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Bounds of the LMDB store and of the fold."""
+
+    map_bytes_initial: int = 256 * MIB
+    map_growth_factor: float = 2.0
+    map_fill_ratio_max: float = 0.75
+    """Grow the map before a write when more than this share of it is used."""
+    map_grow_attempts_max: int = 8
+    undo_horizon_commands: int = 100_000
+    """Undo records kept for the most recently folded commands. An arrival that
+    sorts before all of them is folded by a full re-fold instead of a rewind."""
+    readers_max: int = 256
+    durable: bool = True
+    """Sync every commit to disk. Only tests of other things turn this off."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriterConfig:
+    """Bounds of the group-commit writer thread."""
+
+    batch_commands_max: int = 2_000
+    queue_requests_max: int = 20_000
+    """Requests waiting for the writer; above this a submit is rejected (503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClockConfig:
+    """Bounds of the hybrid logical clock."""
+
+    skew_ms_max: int = 60_000
+    """A peer command stamped further ahead of local wall time than this is
+    stored but not folded until the local clock catches up."""

@@ -1,0 +1,534 @@
+"""The engine: every decision a node makes about its log, inside one transaction.
+
+The engine accepts client submissions (deduplicate, stamp, append, fold),
+ingests commands from peers (deduplicate, settle which copy of an ID wins,
+hold back what cannot be folded yet) and keeps the fold in canonical order
+by rewinding when a command arrives that sorts before folded ones. It knows
+nothing of sockets, threads or the real clock: a caller passes a store
+transaction and the engine holds an injected `HybridClock`, so a simulation
+can drive several engines in one process.
+
+Invariants, which hold after every transaction:
+
+- every ID in `ids` names exactly one copy, the one that sorts first in
+  canonical order among the copies this node has seen;
+- that copy's order key is in `folded` (state includes its effect) or in
+  `pending` (it cannot be folded yet), never both;
+- `folded`, read in key order, is exactly the fold that produced the state;
+- `undo` holds records for the newest `min(horizon, len(folded))` folded
+  commands and no others;
+- the digests in `meta` equal the digests computed from scratch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from cmdlog import codec, fold
+from cmdlog.app import App
+from cmdlog.config import StoreConfig
+from cmdlog.errors import KeyReused, MalformedBody, UnknownCommandType
+from cmdlog.fold import StateOverlay
+from cmdlog.hlc import HybridClock
+from cmdlog.model import PENDING, Command, Outcome, order_key, split_order_key
+from cmdlog.store import Txn
+
+log = structlog.get_logger(__name__)
+
+UNKNOWN_TYPE = "unknown_type"
+CLOCK_SKEW = "clock_skew"
+REFOLD_CHUNK_COMMANDS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A validated client write, ready to be stamped and appended."""
+
+    id: str
+    type: str
+    payload: dict[str, Any]
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The result of one submission: the stored command and its outcome now."""
+
+    command: Command
+    outcome: Outcome
+    created: bool
+
+
+@dataclass(slots=True)
+class IngestReport:
+    """What one batch of peer commands did to the log."""
+
+    stored: int = 0
+    duplicates: int = 0
+    replaced: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Counts and digests of the log and the fold."""
+
+    commands: int
+    applied: int
+    pending: int
+    log_entries: int
+    state_digest: str
+    log_digest: str
+    pending_types: dict[str, int]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A command on its way into the fold: order key, log position, command."""
+
+    key: bytes
+    seq: int
+    command: Command
+
+
+class _Batch:
+    """Working state of one write transaction."""
+
+    def __init__(self, txn: Txn) -> None:
+        self.txn = txn
+        self.overlay = StateOverlay(txn.state_get)
+        self.state_digest = fold.digest_from_bytes(txn.meta_get("state_digest"))
+        self.log_digest = fold.digest_from_bytes(txn.meta_get("log_digest"))
+        self.last_seq = txn.log_last_seq()
+        self.ids: dict[str, list[Any] | None] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        """Outcomes set in this batch, by command ID, to answer without a read."""
+
+    def id_get(self, command_id: str) -> list[Any] | None:
+        if command_id not in self.ids:
+            self.ids[command_id] = self.txn.id_get(command_id)
+        return self.ids[command_id]
+
+    def id_put(self, command: Command, seq: int, fingerprint: bytes) -> None:
+        entry = [seq, fingerprint, command.stamp, command.origin]
+        self.ids[command.id] = entry
+        self.txn.id_put(command.id, seq, fingerprint, command.stamp, command.origin)
+
+    def append(self, command: Command) -> int:
+        self.last_seq += 1
+        self.txn.log_append(self.last_seq, command.to_record())
+        return self.last_seq
+
+    def flush_state(self) -> None:
+        for domain, key, base, current in self.overlay.changes():
+            if base is not None:
+                self.state_digest -= fold.state_item_hash(domain, key, base)
+            if current is not None:
+                self.state_digest += fold.state_item_hash(domain, key, current)
+            self.txn.state_put(domain, key, current)
+        self.overlay = StateOverlay(self.txn.state_get)
+
+    def finish(self, clock: HybridClock) -> None:
+        self.flush_state()
+        self.txn.meta_put("state_digest", fold.digest_to_bytes(self.state_digest))
+        self.txn.meta_put("log_digest", fold.digest_to_bytes(self.log_digest))
+        self.txn.meta_put("clock", clock.last)
+
+
+class Engine:
+    """A node's log logic, run by one writer inside store transactions."""
+
+    def __init__(
+        self,
+        app: App,
+        clock: HybridClock,
+        node_id: str,
+        config: StoreConfig | None = None,
+    ) -> None:
+        self.app = app
+        self.clock = clock
+        self.node_id = node_id
+        self.config = config or StoreConfig()
+
+    # client writes
+
+    def submit(
+        self, txn: Txn, submissions: Iterable[Submission]
+    ) -> list[Accepted | KeyReused]:
+        """Append the new submissions, fold them, and report every one.
+
+        A submission whose ID is stored with the same fingerprint is a retry
+        and reports the stored command; one with another fingerprint gets a
+        `KeyReused` error in its place in the list.
+        """
+        batch = _Batch(txn)
+        results: list[Accepted | KeyReused | str] = []
+        fresh: list[_Entry] = []
+        for submission in submissions:
+            existing = batch.id_get(submission.id)
+            if existing is None:
+                command = Command(
+                    submission.id,
+                    submission.type,
+                    submission.payload,
+                    self.clock.now(),
+                    self.node_id,
+                )
+                seq = batch.append(command)
+                batch.id_put(command, seq, submission.fingerprint)
+                batch.log_digest += fold.log_item_hash(
+                    command.id, submission.fingerprint
+                )
+                fresh.append(_Entry(command.order_key, seq, command))
+                results.append(submission.id)
+            elif existing[1] == submission.fingerprint:
+                results.append(submission.id)
+            else:
+                results.append(self._key_reused(batch, submission))
+
+        created = {entry.command.id: entry.command for entry in fresh}
+        self._fold_in(batch, fresh, removed=())
+        self._finish(batch)
+
+        answers: list[Accepted | KeyReused] = []
+        for item in results:
+            if isinstance(item, KeyReused):
+                answers.append(item)
+            elif item in created:
+                command = created.pop(item)
+                answers.append(Accepted(command, batch.outcomes[item], created=True))
+            else:
+                assert isinstance(item, str)
+                viewed = self.view(txn, item)
+                assert viewed is not None, f"command {item} vanished in its batch"
+                answers.append(Accepted(viewed[0], viewed[1], created=False))
+        return answers
+
+    def _key_reused(self, batch: _Batch, submission: Submission) -> KeyReused:
+        stored = self._command_at(batch.txn, batch.id_get(submission.id))
+        return KeyReused(
+            f"the key {submission.id!r} is already used by a {stored.type} "
+            f"command with a different payload (stored payload: "
+            f"{stored.payload}); send this command under a new key"
+        )
+
+    # peer commands
+
+    def ingest(self, txn: Txn, commands: Iterable[Command]) -> IngestReport:
+        """Store and fold commands received from peers.
+
+        Each ID keeps the copy that sorts first in canonical order. A later
+        copy with the same fingerprint is dropped; one with another
+        fingerprint is recorded as a conflict. A command whose type is
+        unknown here, or whose stamp is beyond the skew horizon, is stored
+        and held pending.
+        """
+        batch = _Batch(txn)
+        report = IngestReport()
+        fresh: list[_Entry] = []
+        removed: list[bytes] = []
+        for command in commands:
+            self._ingest_one(batch, command, report, fresh, removed)
+        if fresh or removed:
+            self._fold_in(batch, fresh, removed=removed)
+        self._finish(batch)
+        return report
+
+    def _ingest_one(
+        self,
+        batch: _Batch,
+        command: Command,
+        report: IngestReport,
+        fresh: list[_Entry],
+        removed: list[bytes],
+    ) -> None:
+        key = command.order_key
+        fingerprint = codec.fingerprint(command.type, command.payload)
+        existing = batch.id_get(command.id)
+        if existing is None:
+            seq = batch.append(command)
+            batch.id_put(command, seq, fingerprint)
+            batch.log_digest += fold.log_item_hash(command.id, fingerprint)
+            report.stored += 1
+            self._route(batch, _Entry(key, seq, command), report, fresh)
+            return
+
+        existing_seq, existing_fp, existing_stamp, existing_origin = existing
+        existing_key = order_key(existing_stamp, existing_origin, command.id)
+        if existing_key == key:
+            report.duplicates += 1
+            return
+        if fingerprint != existing_fp:
+            report.conflicts.append(command.id)
+        if key > existing_key:
+            if fingerprint == existing_fp:
+                report.duplicates += 1
+            else:
+                seq = batch.append(command)
+                batch.txn.conflict_put(command.id, key, seq, fingerprint)
+                log.warning("command_conflicted", command_id=command.id, kept="stored")
+            return
+
+        # The new copy sorts first, so it takes the ID over.
+        seq = batch.append(command)
+        batch.id_put(command, seq, fingerprint)
+        if fingerprint != existing_fp:
+            batch.txn.conflict_put(command.id, existing_key, existing_seq, existing_fp)
+            batch.log_digest += fold.log_item_hash(command.id, fingerprint)
+            batch.log_digest -= fold.log_item_hash(command.id, existing_fp)
+            log.warning("command_conflicted", command_id=command.id, kept="arrived")
+        report.replaced += 1
+        if batch.txn.pending_get(existing_key) is not None:
+            batch.txn.pending_delete(existing_key)
+        elif any(entry.key == existing_key for entry in fresh):
+            fresh[:] = [entry for entry in fresh if entry.key != existing_key]
+        else:
+            removed.append(existing_key)
+        self._route(batch, _Entry(key, seq, command), report, fresh)
+
+    def _route(
+        self,
+        batch: _Batch,
+        entry: _Entry,
+        report: IngestReport,
+        fresh: list[_Entry],
+    ) -> None:
+        """Send a newly stored copy to the fold, or hold it pending."""
+        reason = self._hold_reason(entry.command)
+        if reason is None:
+            self.clock.observe(entry.command.stamp)
+            fresh.append(entry)
+        else:
+            batch.txn.pending_put(entry.key, entry.seq, reason)
+            report.held += 1
+
+    def _hold_reason(self, command: Command) -> str | None:
+        if command.type not in self.app.types:
+            return UNKNOWN_TYPE
+        if command.stamp > self.clock.horizon():
+            return CLOCK_SKEW
+        return None
+
+    def release_pending(self, txn: Txn) -> int:
+        """Fold held commands that can be folded now; return how many."""
+        batch = _Batch(txn)
+        ready: list[_Entry] = []
+        for key, (seq, _reason) in list(txn.pending_iter()):
+            command = Command.from_record(txn.log_get(seq))
+            if self._hold_reason(command) is None:
+                txn.pending_delete(key)
+                self.clock.observe(command.stamp)
+                ready.append(_Entry(key, seq, command))
+        if ready:
+            log.info("pending_released", count=len(ready))
+            self._fold_in(batch, ready, removed=())
+        self._finish(batch)
+        return len(ready)
+
+    # the fold
+
+    def _fold_in(
+        self, batch: _Batch, fresh: list[_Entry], *, removed: Iterable[bytes]
+    ) -> None:
+        """Fold `fresh` and take `removed` out, keeping canonical order."""
+        fresh.sort(key=lambda entry: entry.key)
+        removed = sorted(removed)
+        last = batch.txn.folded_last_key()
+        starts = [entry.key for entry in fresh[:1]] + removed[:1]
+        if not starts:
+            return
+        start = min(starts)
+        if last is None or start > last:
+            for entry in fresh:
+                self._apply(batch, entry, keep_undo=True)
+            return
+        self._rewind(batch, start, fresh, set(removed))
+
+    def _rewind(
+        self, batch: _Batch, start: bytes, fresh: list[_Entry], removed: set[bytes]
+    ) -> None:
+        """Undo folded commands from `start` on, then fold them again with the
+        changes, in order."""
+        txn = batch.txn
+        horizon = min(self.config.undo_horizon_commands, txn.count("undo"))
+        later: list[tuple[bytes, int]] = []
+        for key, seq, _outcome in txn.folded_from(start):
+            later.append((key, seq))
+            if len(later) > horizon:
+                self._full_refold(batch, fresh, removed)
+                return
+
+        for key, _seq in reversed(later):
+            undo = txn.undo_pop(key)
+            assert undo is not None, "an undo record inside the horizon is missing"
+            fold.revert(batch.overlay, undo)
+            self._forget_outcome(batch, key)
+            txn.folded_delete(key)
+        if later:
+            log.debug("fold_rewound", commands=len(later))
+
+        replay = [
+            _Entry(key, seq, self._command_at_seq(txn, seq))
+            for key, seq in later
+            if key not in removed
+        ]
+        merged = sorted(replay + fresh, key=lambda entry: entry.key)
+        for entry in merged:
+            self._apply(batch, entry, keep_undo=True)
+
+    def _full_refold(
+        self, batch: _Batch, fresh: list[_Entry], removed: set[bytes]
+    ) -> None:
+        """Rebuild the whole fold from the folded index: the slow path for an
+        arrival older than the undo horizon."""
+        txn = batch.txn
+        total = txn.count("folded") + len(fresh) - len(removed)
+        log.warning(
+            "full_refold_started",
+            commands=total,
+            undo_horizon_commands=self.config.undo_horizon_commands,
+        )
+        txn.state_drop_all()
+        txn.undo_drop_all()
+        batch.overlay = StateOverlay(txn.state_get)
+        batch.state_digest = 0
+
+        for key in removed:
+            txn.folded_delete(key)
+        keep_undo_from = total - self.config.undo_horizon_commands
+        pending_fresh = iter(sorted(fresh, key=lambda entry: entry.key))
+        next_fresh = next(pending_fresh, None)
+        position = 0
+        # The digest restarts from zero, so old outcomes are not subtracted.
+        for key, seq, _outcome in self._folded_in_chunks(txn):
+            while next_fresh is not None and next_fresh.key < key:
+                self._apply(batch, next_fresh, keep_undo=position >= keep_undo_from)
+                position += 1
+                next_fresh = next(pending_fresh, None)
+            current = _Entry(key, seq, self._command_at_seq(txn, seq))
+            self._apply(batch, current, keep_undo=position >= keep_undo_from)
+            position += 1
+            if position % REFOLD_CHUNK_COMMANDS == 0:
+                batch.flush_state()
+        while next_fresh is not None:
+            self._apply(batch, next_fresh, keep_undo=position >= keep_undo_from)
+            position += 1
+            next_fresh = next(pending_fresh, None)
+        log.warning("full_refold_completed", commands=position)
+
+    def _folded_in_chunks(self, txn: Txn) -> Iterator[tuple[bytes, int, bytes]]:
+        """Iterate `folded` in order while the caller rewrites it, a chunk of
+        keys at a time, so no cursor is open across writes."""
+        after = b""
+        while True:
+            chunk = []
+            for key, seq, outcome in txn.folded_from(after):
+                if key == after:
+                    continue
+                chunk.append((key, seq, outcome))
+                if len(chunk) >= REFOLD_CHUNK_COMMANDS:
+                    break
+            if not chunk:
+                return
+            yield from chunk
+            after = chunk[-1][0]
+
+    def _apply(
+        self,
+        batch: _Batch,
+        entry: _Entry,
+        *,
+        keep_undo: bool,
+    ) -> None:
+        """Fold one command not in `folded` and record its outcome and undo."""
+        command_id = entry.command.id
+        outcome, undo = fold.apply_command(self.app, batch.overlay, entry.command)
+        batch.outcomes[command_id] = outcome
+        packed = fold.pack_outcome(outcome)
+        batch.state_digest += fold.outcome_item_hash(command_id, packed)
+        batch.txn.folded_put(entry.key, entry.seq, packed)
+        if keep_undo:
+            batch.txn.undo_put(entry.key, undo)
+
+    def _forget_outcome(self, batch: _Batch, key: bytes) -> None:
+        entry = batch.txn.folded_get(key)
+        assert entry is not None, "a folded command has no folded entry"
+        _stamp, _origin, command_id = split_order_key(key)
+        batch.state_digest -= fold.outcome_item_hash(command_id, entry[1])
+
+    def _finish(self, batch: _Batch) -> None:
+        batch.finish(self.clock)
+        batch.txn.undo_trim(self.config.undo_horizon_commands)
+
+    # reads
+
+    def _command_at_seq(self, txn: Txn, seq: int) -> Command:
+        return Command.from_record(txn.log_get(seq))
+
+    def _command_at(self, txn: Txn, id_entry: list[Any] | None) -> Command:
+        assert id_entry is not None
+        return self._command_at_seq(txn, id_entry[0])
+
+    def view(self, txn: Txn, command_id: str) -> tuple[Command, Outcome] | None:
+        """Return the stored command with this ID and its current outcome."""
+        id_entry = txn.id_get(command_id)
+        if id_entry is None:
+            return None
+        seq, _fingerprint, stamp, origin = id_entry
+        command = self._command_at_seq(txn, seq)
+        key = order_key(stamp, origin, command_id)
+        folded = txn.folded_get(key)
+        if folded is not None:
+            return command, fold.unpack_outcome(folded[1])
+        pending = txn.pending_get(key)
+        assert pending is not None, f"command {command_id} is neither folded nor held"
+        return command, Outcome(PENDING, None, pending[1])
+
+    def status(self, txn: Txn) -> Status:
+        """Return counts and digests as of this transaction."""
+        pending_types: dict[str, int] = {}
+        for _key, (seq, _reason) in txn.pending_iter():
+            type_name = txn.log_get(seq)[1]
+            pending_types[type_name] = pending_types.get(type_name, 0) + 1
+        return Status(
+            commands=txn.count("ids"),
+            applied=txn.count("folded"),
+            pending=txn.count("pending"),
+            log_entries=txn.log_last_seq(),
+            state_digest=txn.meta_get("state_digest", bytes(32)).hex(),
+            log_digest=txn.meta_get("log_digest", bytes(32)).hex(),
+            pending_types=pending_types,
+        )
+
+
+def prepare_submission(app: App, key: str, type_name: Any, payload: Any) -> Submission:
+    """Validate a client's command and return it ready for the writer.
+
+    `key` is the already-checked Idempotency-Key. Raises `MalformedBody` for
+    a type or payload of the wrong shape, `UnknownCommandType`, and the
+    type's own `ValidationError`. The command ID is the key, unless the
+    payload carries the type's natural key, which then names the command.
+    """
+    if type(type_name) is not str or not type_name:
+        raise MalformedBody(
+            "field 'type' must be a non-empty string naming a command type, "
+            f"for example {app.type_names()[0]!r}"
+            if app.types
+            else "field 'type' must be a non-empty string"
+        )
+    if type(payload) is not dict:
+        raise MalformedBody(
+            f"field 'payload' must be a map, found {type(payload).__name__}"
+        )
+    codec.check_value(payload, "payload")
+    command_type = app.types.get(type_name)
+    if command_type is None:
+        raise UnknownCommandType(type_name, app.type_names())
+    valid = command_type.validate(payload)
+    command_id = command_type.natural_id(valid) or key
+    return Submission(command_id, type_name, valid, codec.fingerprint(type_name, valid))

@@ -1,0 +1,166 @@
+"""The fold: applying commands to domain state, undoing them, and digests.
+
+Everything here is pure. State is read through a caller-supplied function
+and written to a `StateOverlay`, a write-back cache that the caller flushes
+to storage once per transaction. Applying a command returns its outcome and
+an undo record (the previous value of every key it wrote), which is what a
+rewind needs to take the command back out.
+
+Digests are sums, modulo 2**256, of a hash per item. A sum depends only on
+the set of items, never on the order they were added in, and an item is
+removed by subtracting its hash, so a digest can be kept up to date with
+each write and still equal the digest computed from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cmdlog import codec
+from cmdlog.app import App, Rejected
+from cmdlog.model import APPLIED, REJECTED, Command, Outcome
+
+DIGEST_MODULUS = 2**256
+_blake2b = hashlib.blake2b
+StateKey = tuple[str, bytes]
+UndoEntry = list[Any]  # [domain, key, previous value or None]
+
+HANDLER_FAILED = "handler_failed"
+"""Reason given when a handler raises instead of returning or rejecting. It
+happens only for payloads that skipped validation (from a faulty peer) or
+for a handler bug, and is deterministic either way."""
+
+
+# Each item is hashed from a tag byte and its parts. Domain names and command
+# IDs contain no NUL, so NUL ends them; a state key gets a length prefix
+# because it may contain any byte; the last part runs to the end.
+
+
+def _item_hash(data: bytes) -> int:
+    return int.from_bytes(_blake2b(data, digest_size=32).digest(), "big")
+
+
+def state_item_hash(domain: str, key: bytes, value: bytes) -> int:
+    return _item_hash(
+        b"s" + domain.encode() + b"\x00" + len(key).to_bytes(4, "big") + key + value
+    )
+
+
+def outcome_item_hash(command_id: str, outcome: bytes) -> int:
+    """Hash a command's packed outcome (see `pack_outcome`)."""
+    return _item_hash(b"o" + command_id.encode() + b"\x00" + outcome)
+
+
+def log_item_hash(command_id: str, fingerprint: bytes) -> int:
+    return _item_hash(b"l" + command_id.encode() + b"\x00" + fingerprint)
+
+
+def pack_outcome(outcome: Outcome) -> bytes:
+    return codec.pack([outcome.status, outcome.result, outcome.reason])
+
+
+def unpack_outcome(data: bytes) -> Outcome:
+    status, result, reason = codec.unpack(data)
+    return Outcome(status, result, reason)
+
+
+def digest_to_bytes(value: int) -> bytes:
+    return (value % DIGEST_MODULUS).to_bytes(32, "big")
+
+
+def digest_from_bytes(data: bytes | None) -> int:
+    return 0 if data is None else int.from_bytes(data, "big")
+
+
+class StateOverlay:
+    """A write-back cache of domain state over a base read function.
+
+    `changes()` lists every key whose value differs from the base, with the
+    base value, so the caller can write it back and update the digest.
+    """
+
+    def __init__(self, base_get: Callable[[str, bytes], bytes | None]) -> None:
+        self._base_get = base_get
+        self._current: dict[StateKey, bytes | None] = {}
+        self._base: dict[StateKey, bytes | None] = {}
+
+    def get(self, domain: str, key: bytes) -> bytes | None:
+        state_key = (domain, key)
+        if state_key in self._current:
+            return self._current[state_key]
+        value = self._base_get(domain, key)
+        self._current[state_key] = value
+        self._base[state_key] = value
+        return value
+
+    def set(self, domain: str, key: bytes, value: bytes | None) -> None:
+        state_key = (domain, key)
+        if state_key not in self._base:
+            self._base[state_key] = self._base_get(domain, key)
+        self._current[state_key] = value
+
+    def changes(self) -> Iterator[tuple[str, bytes, bytes | None, bytes | None]]:
+        """Yield `(domain, key, base value, current value)` for each changed key."""
+        for (domain, key), value in self._current.items():
+            base = self._base[(domain, key)]
+            if base != value:
+                yield domain, key, base, value
+
+
+class _HandlerState:
+    """One domain's state as one handler call sees it; writes stay local
+    until the handler returns, so a rejection leaves no trace."""
+
+    __slots__ = ("_domain", "_overlay", "writes")
+
+    def __init__(self, overlay: StateOverlay, domain: str) -> None:
+        self._overlay = overlay
+        self._domain = domain
+        self.writes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: str) -> Any:
+        raw_key = key.encode()
+        if raw_key in self.writes:
+            data = self.writes[raw_key]
+        else:
+            data = self._overlay.get(self._domain, raw_key)
+        return None if data is None else codec.unpack(data)
+
+    def put(self, key: str, value: Any) -> None:
+        self.writes[key.encode()] = codec.pack(value)
+
+    def delete(self, key: str) -> None:
+        self.writes[key.encode()] = None
+
+
+def apply_command(
+    app: App, overlay: StateOverlay, command: Command
+) -> tuple[Outcome, list[UndoEntry]]:
+    """Fold one command of a known type into `overlay`.
+
+    Returns the outcome and the undo record for the keys the command wrote.
+    A rejected command writes nothing and has an empty undo record.
+    """
+    command_type = app.types[command.type]
+    domain = command_type.domain
+    state = _HandlerState(overlay, domain)
+    try:
+        result = command_type.apply(state, command)
+    except Rejected as rejection:
+        return Outcome(REJECTED, rejection.detail, rejection.reason), []
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        return Outcome(REJECTED, str(exc), HANDLER_FAILED), []
+
+    undo: list[UndoEntry] = []
+    for key, value in state.writes.items():
+        undo.append([domain, key, overlay.get(domain, key)])
+        overlay.set(domain, key, value)
+    return Outcome(APPLIED, result), undo
+
+
+def revert(overlay: StateOverlay, undo: list[UndoEntry]) -> None:
+    """Restore the state keys in `undo` to the values they had before the command."""
+    for domain, key, previous in reversed(undo):
+        overlay.set(domain, key, previous)

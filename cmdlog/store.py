@@ -1,0 +1,427 @@
+"""The store: one LMDB environment per data directory, behind typed accessors.
+
+Named databases, each with its key and value layout:
+
+- `meta`: setting name -> msgpack value (node ID, format version, clock,
+  next sequence number, digests).
+- `log`: local sequence number (8 bytes, big-endian) -> command record, in
+  local append order. Append-only.
+- `ids`: command ID -> `[seq, fingerprint, stamp, origin]` of the copy the
+  node folds (the one that sorts first in canonical order).
+- `folded`: order key -> seq (8 bytes) followed by the packed outcome
+  `[status, result, reason]`, for every command in the fold; iterating it
+  is iterating the fold order.
+- `pending`: order key -> `[seq, reason]` for stored commands not folded yet.
+- `undo`: order key -> previous values of the state keys that command wrote,
+  kept for the most recent folded commands only.
+- `conflicts`: command ID, NUL, order key -> `[seq, fingerprint]` of a copy
+  whose fingerprint differs from the folded one.
+- `peers`: peer URL -> replication cursor and identity.
+- `state.DOMAIN`: one per domain, handler key -> msgpack value.
+
+Only the writer thread opens write transactions. Reads from other threads
+go through `read()`, which also lets the writer grow the map: LMDB allows
+`set_mapsize` only while this process has no transaction open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+import structlog
+
+from cmdlog import codec
+from cmdlog.config import FORMAT_VERSION, StoreConfig
+from cmdlog.errors import DataError, StartupError, StorageFull, VersionMismatch
+
+log = structlog.get_logger(__name__)
+
+SEQ_BYTES = 8
+_CORE_DBS = ("meta", "log", "ids", "folded", "pending", "undo", "conflicts", "peers")
+_STATE_PREFIX = "state."
+_DBS_MAX = 64
+_EMPTY_LIST = codec.pack([])
+T = TypeVar("T")
+
+
+def seq_key(seq: int) -> bytes:
+    return seq.to_bytes(SEQ_BYTES, "big")
+
+
+class _ReadGate:
+    """Shared/exclusive gate: many readers, or one map resize, never both."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._resizing = True
+            try:
+                while self._readers:
+                    self._cond.wait()
+                yield
+            finally:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class Txn:
+    """Typed access to the named databases inside one LMDB transaction."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+        self._store = store
+        # lmdb's stubs type every read as bytes | memoryview; every transaction
+        # here is opened with buffers=False, so reads are bytes.
+        self.raw: Any = txn
+        self._dbs = store._dbs
+
+    # meta
+
+    def meta_get(self, name: str, default: Any = None) -> Any:
+        data = self.raw.get(name.encode(), db=self._dbs["meta"])
+        return default if data is None else codec.unpack(data)
+
+    def meta_put(self, name: str, value: Any) -> None:
+        self.raw.put(name.encode(), codec.pack(value), db=self._dbs["meta"])
+
+    # log
+
+    def log_append(self, seq: int, record: list[Any]) -> None:
+        stored = self.raw.put(
+            seq_key(seq), codec.pack(record), db=self._dbs["log"], append=True
+        )
+        assert stored, f"log sequence {seq} is not after the last one"
+
+    def log_get(self, seq: int) -> list[Any]:
+        data = self.raw.get(seq_key(seq), db=self._dbs["log"])
+        if data is None:
+            raise DataError(f"log entry {seq} is missing; the store is damaged")
+        return codec.unpack(data)  # type: ignore[no-any-return]
+
+    def log_iter(self, after_seq: int) -> Iterator[tuple[int, bytes]]:
+        """Yield `(seq, packed record)` for every log entry after `after_seq`."""
+        cursor = self.raw.cursor(db=self._dbs["log"])
+        if not cursor.set_range(seq_key(after_seq + 1)):
+            return
+        for key, value in cursor:
+            yield int.from_bytes(key, "big"), value
+
+    def log_last_seq(self) -> int:
+        cursor = self.raw.cursor(db=self._dbs["log"])
+        return int.from_bytes(cursor.key(), "big") if cursor.last() else 0
+
+    # ids
+
+    def id_get(self, command_id: str) -> list[Any] | None:
+        data = self.raw.get(command_id.encode(), db=self._dbs["ids"])
+        return None if data is None else codec.unpack(data)
+
+    def id_put(
+        self, command_id: str, seq: int, fingerprint: bytes, stamp: int, origin: str
+    ) -> None:
+        value = codec.pack([seq, fingerprint, stamp, origin])
+        self.raw.put(command_id.encode(), value, db=self._dbs["ids"])
+
+    # folded commands and their outcomes
+
+    def folded_get(self, key: bytes) -> tuple[int, bytes] | None:
+        """Return `(seq, packed outcome)` of a folded command, or None."""
+        data = self.raw.get(key, db=self._dbs["folded"])
+        if data is None:
+            return None
+        return int.from_bytes(data[:SEQ_BYTES], "big"), data[SEQ_BYTES:]
+
+    def folded_put(self, key: bytes, seq: int, outcome: bytes) -> None:
+        self.raw.put(key, seq_key(seq) + outcome, db=self._dbs["folded"])
+
+    def folded_delete(self, key: bytes) -> None:
+        self.raw.delete(key, db=self._dbs["folded"])
+
+    def folded_last_key(self) -> bytes | None:
+        cursor = self.raw.cursor(db=self._dbs["folded"])
+        return cursor.key() if cursor.last() else None
+
+    def folded_from(self, key: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+        """Yield `(order key, seq, packed outcome)` from `key` on, in fold order."""
+        cursor = self.raw.cursor(db=self._dbs["folded"])
+        if not cursor.set_range(key):
+            return
+        for found, data in cursor:
+            yield found, int.from_bytes(data[:SEQ_BYTES], "big"), data[SEQ_BYTES:]
+
+    # pending commands
+
+    def pending_put(self, key: bytes, seq: int, reason: str) -> None:
+        self.raw.put(key, codec.pack([seq, reason]), db=self._dbs["pending"])
+
+    def pending_get(self, key: bytes) -> list[Any] | None:
+        data = self.raw.get(key, db=self._dbs["pending"])
+        return None if data is None else codec.unpack(data)
+
+    def pending_delete(self, key: bytes) -> None:
+        self.raw.delete(key, db=self._dbs["pending"])
+
+    def pending_iter(self) -> Iterator[tuple[bytes, list[Any]]]:
+        cursor = self.raw.cursor(db=self._dbs["pending"])
+        for key, data in cursor:
+            yield key, codec.unpack(data)
+
+    # undo records
+
+    def undo_put(self, key: bytes, entries: list[Any]) -> None:
+        data = codec.pack(entries) if entries else _EMPTY_LIST
+        self.raw.put(key, data, db=self._dbs["undo"])
+
+    def undo_pop(self, key: bytes) -> list[Any] | None:
+        data = self.raw.pop(key, db=self._dbs["undo"])
+        return None if data is None else codec.unpack(data)
+
+    def undo_trim(self, keep: int) -> int:
+        """Delete the oldest undo records until at most `keep` remain."""
+        excess: int = self.raw.stat(self._dbs["undo"])["entries"] - keep
+        if excess <= 0:
+            return 0
+        cursor = self.raw.cursor(db=self._dbs["undo"])
+        cursor.first()
+        for _ in range(excess):
+            cursor.delete()
+        return excess
+
+    def undo_drop_all(self) -> None:
+        self.raw.drop(self._dbs["undo"], delete=False)
+
+    # conflicts
+
+    def conflict_put(
+        self, command_id: str, key: bytes, seq: int, fingerprint: bytes
+    ) -> bool:
+        """Record a conflicting copy; return False when it was already recorded."""
+        return bool(
+            self.raw.put(
+                command_id.encode() + b"\x00" + key,
+                codec.pack([seq, fingerprint]),
+                db=self._dbs["conflicts"],
+                overwrite=False,
+            )
+        )
+
+    # peers
+
+    def peer_get(self, url: str) -> dict[str, Any] | None:
+        data = self.raw.get(url.encode(), db=self._dbs["peers"])
+        return None if data is None else codec.unpack(data)
+
+    def peer_put(self, url: str, info: dict[str, Any]) -> None:
+        self.raw.put(url.encode(), codec.pack(info), db=self._dbs["peers"])
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        cursor = self.raw.cursor(db=self._dbs["peers"])
+        return {key.decode(): codec.unpack(value) for key, value in cursor}
+
+    # domain state
+
+    def state_get(self, domain: str, key: bytes) -> bytes | None:
+        return self.raw.get(key, db=self._store.state_db(domain))  # type: ignore[no-any-return]
+
+    def state_put(self, domain: str, key: bytes, value: bytes | None) -> None:
+        db = self._store.state_db(domain)
+        if value is None:
+            self.raw.delete(key, db=db)
+        else:
+            self.raw.put(key, value, db=db)
+
+    def state_iter(self, domain: str) -> Iterator[tuple[bytes, bytes]]:
+        cursor = self.raw.cursor(db=self._store.state_db(domain))
+        yield from cursor
+
+    def state_drop_all(self) -> None:
+        for domain in self._store.domains:
+            self.raw.drop(self._store.state_db(domain), delete=False)
+
+    # counts
+
+    def count(self, db_name: str) -> int:
+        return int(self.raw.stat(self._dbs[db_name])["entries"])
+
+
+class Store:
+    """An LMDB environment holding one node's log, indexes and state."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        domains: list[str],
+        config: StoreConfig | None = None,
+        *,
+        readonly: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.config = config or StoreConfig()
+        self.domains = list(domains)
+        self._gate = _ReadGate()
+        self._write_lock = threading.Lock()
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not (self.path / "data.mdb").exists():
+            raise StartupError(
+                f"no cmdlog data in {self.path}; pass the --data directory of a node"
+            )
+
+        map_bytes = self.config.map_bytes_initial
+        data_file = self.path / "data.mdb"
+        if data_file.exists():
+            map_bytes = max(map_bytes, data_file.stat().st_size)
+        try:
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=map_bytes,
+                max_dbs=_DBS_MAX,
+                max_readers=self.config.readers_max,
+                sync=self.config.durable,
+                metasync=self.config.durable,
+                readonly=readonly,
+                lock=True,
+                writemap=True,
+            )
+        except lmdb.Error as exc:
+            raise StartupError(f"cannot open the store at {self.path}: {exc}") from exc
+
+        # A process killed while reading leaves its reader slot behind, which
+        # would pin old pages forever; clearing them is safe at any time.
+        stale_readers = self.env.reader_check()
+        if stale_readers:
+            log.info("stale_readers_cleared", count=stale_readers, path=str(self.path))
+
+        self._dbs: dict[str, Any] = {}
+        self._state_dbs: dict[str, Any] = {}
+        for name in _CORE_DBS:
+            self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+        for domain in self.domains:
+            self._open_state_db(domain, create=not readonly)
+        self._check_format(readonly=readonly)
+
+    def _open_state_db(self, domain: str, *, create: bool) -> Any:
+        name = (_STATE_PREFIX + domain).encode()
+        try:
+            db = self.env.open_db(name, create=create)
+        except lmdb.NotFoundError:
+            # A read-only store that never saw this domain: use an empty one.
+            return None
+        self._state_dbs[domain] = db
+        return db
+
+    def state_db(self, domain: str) -> Any:
+        return self._state_dbs[domain]
+
+    def _check_format(self, *, readonly: bool) -> None:
+        with self.read() as txn:
+            version = txn.meta_get("format_version")
+        if version is None and not readonly:
+            self.write(lambda txn: txn.meta_put("format_version", FORMAT_VERSION))
+            return
+        if version != FORMAT_VERSION:
+            raise VersionMismatch(
+                f"the data directory {self.path} has format version {version}, "
+                f"this cmdlog reads version {FORMAT_VERSION}; use the cmdlog "
+                "release that wrote it, or replay its log into a new directory"
+            )
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Txn]:
+        """Open a read-only transaction for the duration of the `with` block."""
+        with self._gate.shared(), self.env.begin(buffers=False) as txn:
+            yield Txn(self, txn)
+
+    def write(self, work: Callable[[Txn], T]) -> T:
+        """Run `work` in one write transaction and commit it durably.
+
+        When the map fills up, the transaction is aborted, the map grows and
+        `work` runs again from the start, so `work` must not have effects
+        outside the transaction. Raises `StorageFull` when the map cannot
+        grow any more or the disk has no room.
+        """
+        with self._write_lock:
+            self._grow_if_needed()
+            for _attempt in range(self.config.map_grow_attempts_max):
+                try:
+                    with self.env.begin(write=True, buffers=False) as raw:
+                        return work(Txn(self, raw))
+                except lmdb.MapFullError:
+                    self._grow(reason="map_full")
+                except lmdb.DiskError as exc:
+                    raise StorageFull(
+                        f"the disk under {self.path} is full ({exc}); free space "
+                        "and retry"
+                    ) from exc
+                except OSError as exc:
+                    if exc.errno == 28:  # ENOSPC
+                        raise StorageFull(
+                            f"the disk under {self.path} is full; free space and retry"
+                        ) from exc
+                    raise
+            raise StorageFull(
+                f"the LMDB map at {self.path} is full after "
+                f"{self.config.map_grow_attempts_max} growths; raise "
+                "map_bytes_initial or free disk space"
+            )
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
+
+    def map_bytes(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def _grow_if_needed(self) -> None:
+        if self.used_bytes() > self.map_bytes() * self.config.map_fill_ratio_max:
+            self._grow(reason="fill_ratio")
+
+    def _grow(self, *, reason: str) -> None:
+        old = self.map_bytes()
+        new = int(old * self.config.map_growth_factor)
+        with self._gate.exclusive():
+            try:
+                self.env.set_mapsize(new)
+            except lmdb.Error as exc:
+                raise StorageFull(
+                    f"cannot grow the LMDB map at {self.path} from {old} to "
+                    f"{new} bytes: {exc}"
+                ) from exc
+        log.info("map_grown", old_bytes=old, new_bytes=new, reason=reason)
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def remove_store_files(path: Path) -> None:
+    """Delete the LMDB files of a store directory (used for scratch stores)."""
+    for name in ("data.mdb", "lock.mdb"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / name)

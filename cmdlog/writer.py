@@ -1,0 +1,167 @@
+"""The writer: one thread that owns every write transaction (group commit).
+
+Async callers queue jobs and await futures. The thread takes the first
+waiting job, drains every other job already queued (up to
+`batch_commands_max` commands), runs them all in one LMDB write transaction
+and commits once with a sync, so a thousand concurrent writers cost one
+disk flush instead of a thousand. A caller's future resolves only after the
+commit that holds its command has synced; if the commit fails, every job in
+it fails with the same error and nothing of theirs is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from cmdlog.config import WriterConfig
+from cmdlog.database import Database
+from cmdlog.errors import Overloaded, ShuttingDown
+from cmdlog.store import Txn
+
+log = structlog.get_logger(__name__)
+
+RELEASE_INTERVAL_S = 1.0
+"""How often the writer looks for held commands that can now be folded."""
+
+
+@dataclass(slots=True)
+class _Job:
+    work: Callable[[Txn], Any]
+    size: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: BaseException | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+_STOP = object()
+
+
+class Writer:
+    """Runs engine work for async callers on one thread, grouping commits."""
+
+    def __init__(self, database: Database, config: WriterConfig | None = None) -> None:
+        self.database = database
+        self.config = config or WriterConfig()
+        self._queue: queue.Queue[_Job | object] = queue.Queue(
+            self.config.queue_requests_max
+        )
+        self._thread = threading.Thread(target=self._run, name="cmdlog-writer")
+        self._stopping = False
+        self.commits = 0
+        self.commands_committed = 0
+        self.on_commit: list[Callable[[], None]] = []
+        """Callbacks run on the writer thread after each commit (keep them short)."""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def run(self, work: Callable[[Txn], Any], *, size: int = 1) -> Any:
+        """Run `work(txn)` in the next group commit and return its result.
+
+        Raises `Overloaded` when the queue is full, `ShuttingDown` after
+        `stop`, and whatever the commit raised.
+        """
+        if self._stopping:
+            raise ShuttingDown("the node is shutting down; retry on another node")
+        loop = asyncio.get_running_loop()
+        job = _Job(work, size, loop, loop.create_future())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(
+                f"the write queue is full ({self.config.queue_requests_max} "
+                "requests); retry after a short wait"
+            ) from None
+        return await job.future
+
+    async def stop(self) -> None:
+        """Commit every queued job, then end the thread."""
+        self._stopping = True
+        self._queue.put(_STOP)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _run(self) -> None:
+        last_release = time.monotonic()
+        while True:
+            try:
+                first = self._queue.get(timeout=RELEASE_INTERVAL_S)
+            except queue.Empty:
+                first = None
+            jobs, stop = self._drain(first)
+            if jobs:
+                self._commit(jobs)
+            if time.monotonic() - last_release >= RELEASE_INTERVAL_S:
+                last_release = time.monotonic()
+                self._release_pending()
+            if stop:
+                return
+
+    def _drain(self, first: _Job | object | None) -> tuple[list[_Job], bool]:
+        if first is None:
+            return [], False
+        if first is _STOP:
+            return [], True
+        assert isinstance(first, _Job)
+        jobs = [first]
+        size = first.size
+        while size < self.config.batch_commands_max:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return jobs, True
+            assert isinstance(item, _Job)
+            jobs.append(item)
+            size += item.size
+        return jobs, False
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        def work(txn: Txn) -> None:
+            for job in jobs:
+                job.result = job.work(txn)
+
+        try:
+            self.database.store.write(work)
+        except Exception as exc:  # every job in the failed commit gets the error
+            log.error("commit_failed", jobs=len(jobs), error=str(exc), exc_info=exc)
+            for job in jobs:
+                job.error = exc
+        else:
+            self.commits += 1
+            self.commands_committed += sum(job.size for job in jobs)
+            for callback in self.on_commit:
+                callback()
+        for job in jobs:
+            job.loop.call_soon_threadsafe(_resolve, job)
+
+    def _release_pending(self) -> None:
+        try:
+            with self.database.store.read() as txn:
+                held = txn.count("pending")
+            if held:
+                self.database.release_pending()
+        except Exception as exc:
+            log.error("pending_release_failed", error=str(exc), exc_info=exc)
+
+
+def _resolve(job: _Job) -> None:
+    if job.future.done():
+        return
+    if job.error is not None:
+        job.future.set_exception(job.error)
+    else:
+        job.future.set_result(job.result)

@@ -1,0 +1,319 @@
+"""Tests of the engine: deduplication, canonical order, rewinds and digests."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cmdlog import codec, fold
+from cmdlog.app import App
+from cmdlog.apps.ledger import ledger
+from cmdlog.database import Database
+from cmdlog.engine import UNKNOWN_TYPE, prepare_submission
+from cmdlog.errors import KeyReused
+from cmdlog.fold import StateOverlay
+from cmdlog.model import APPLIED, PENDING, REJECTED, Command
+from tests.conftest import fast_store
+
+APP = App([ledger])
+ACCOUNTS = ["a0", "a1", "a2"]
+ORIGINS = ["n1", "n2", "n3"]
+
+
+# A reference fold: the deduplicated command set folded in canonical order
+# with plain dictionaries, and both digests computed from scratch.
+
+
+def winners(copies: list[Command]) -> dict[str, Command]:
+    best: dict[str, Command] = {}
+    for command in copies:
+        held = best.get(command.id)
+        if held is None or command.order_key < held.order_key:
+            best[command.id] = command
+    return best
+
+
+def reference_fold(copies: list[Command]) -> tuple[dict[str, Any], str, str]:
+    chosen = winners(copies)
+    state: dict[tuple[str, bytes], bytes] = {}
+    overlay = StateOverlay(lambda domain, key: state.get((domain, key)))
+    outcomes = {}
+    for command in sorted(chosen.values(), key=lambda c: c.order_key):
+        outcome, _undo = fold.apply_command(APP, overlay, command)
+        outcomes[command.id] = outcome
+    state_digest = 0
+    for domain, key, _base, value in overlay.changes():
+        if value is not None:
+            state_digest += fold.state_item_hash(domain, key, value)
+    for command_id, outcome in outcomes.items():
+        state_digest += fold.outcome_item_hash(command_id, fold.pack_outcome(outcome))
+    log_digest = 0
+    for command in chosen.values():
+        fingerprint = codec.fingerprint(command.type, command.payload)
+        log_digest += fold.log_item_hash(command.id, fingerprint)
+    return (
+        outcomes,
+        fold.digest_to_bytes(state_digest).hex(),
+        fold.digest_to_bytes(log_digest).hex(),
+    )
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    kind = draw(st.sampled_from(["open", "deposit", "charge", "transfer"]))
+    account = draw(st.sampled_from(ACCOUNTS))
+    amount = draw(st.integers(1, 60))
+    if kind == "open":
+        currency = draw(st.sampled_from(["EUR", "EUR", "USD"]))
+        return "ledger.open", {"account": account, "currency": currency}
+    if kind == "transfer":
+        target = draw(st.sampled_from([a for a in ACCOUNTS if a != account]))
+        return "ledger.transfer", {"from": account, "to": target, "amount": amount}
+    return f"ledger.{kind}", {"account": account, "amount": amount}
+
+
+@st.composite
+def command_sets(draw: st.DrawFn) -> list[Command]:
+    """Commands from three origins, some IDs sent twice with other stamps,
+    some IDs reused with another payload (conflicts)."""
+    count = draw(st.integers(1, 25))
+    copies = []
+    for i in range(count):
+        type_name, payload = draw(payloads())
+        stamp = draw(st.integers(1_000, 1_100))
+        origin = draw(st.sampled_from(ORIGINS))
+        copies.append(Command(f"c{i}", type_name, payload, stamp, origin))
+        extra = draw(st.sampled_from(["none", "none", "retry", "conflict"]))
+        if extra == "retry":
+            stamp = draw(st.integers(1_000, 1_100))
+            origin = draw(st.sampled_from(ORIGINS))
+            copies.append(Command(f"c{i}", type_name, payload, stamp, origin))
+        elif extra == "conflict":
+            other_type, other = draw(payloads())
+            stamp = draw(st.integers(1_000, 1_100))
+            origin = draw(st.sampled_from(ORIGINS))
+            copies.append(Command(f"c{i}", other_type, other, stamp, origin))
+    return copies
+
+
+def deliveries(copies: list[Command]) -> st.SearchStrategy[list[list[Command]]]:
+    """Any order, any duplication, split into batches of any size."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> list[list[Command]]:
+        repeated = copies + draw(st.lists(st.sampled_from(copies), max_size=10))
+        order = draw(st.permutations(repeated))
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(order) - 1)))))
+        batches, start = [], 0
+        for cut in [*cuts, len(order)]:
+            if cut > start:
+                batches.append(list(order[start:cut]))
+                start = cut
+        return batches
+
+    return build()
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as path:
+        yield Path(path)
+
+
+def open_db(path: Path, horizon: int = 100_000) -> Database:
+    return Database(path, APP, store_config=fast_store(undo_horizon_commands=horizon))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data(), copies=command_sets(), horizon=st.sampled_from([2, 100_000]))
+def test_any_delivery_matches_canonical_fold(
+    data: st.DataObject, copies: list[Command], horizon: int
+) -> None:
+    """Any delivery order and duplication gives the canonical fold's outcomes
+    and digests, with rewinds inside the undo horizon and full re-folds
+    beyond it."""
+    expected_outcomes, expected_state, expected_log = reference_fold(copies)
+    batches = data.draw(deliveries(copies))
+    with tempfile.TemporaryDirectory() as path:
+        db = open_db(Path(path), horizon)
+        try:
+            for batch in batches:
+                db.ingest(batch)
+            status = db.status()
+            assert status.commands == len(expected_outcomes)
+            assert status.applied == len(expected_outcomes)
+            assert status.state_digest == expected_state
+            assert status.log_digest == expected_log
+            for command_id, outcome in expected_outcomes.items():
+                viewed = db.view(command_id)
+                assert viewed is not None
+                assert viewed[1] == outcome, command_id
+        finally:
+            db.close()
+
+
+def test_two_nodes_same_set_same_digests(scratch: Path) -> None:
+    """Two stores fed the same commands in opposite orders report equal digests."""
+    copies = [
+        Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1"),
+        Command("d", "ledger.deposit", {"account": "a0", "amount": 50}, 20, "n2"),
+        Command("c", "ledger.charge", {"account": "a0", "amount": 30}, 30, "n1"),
+        Command("c2", "ledger.charge", {"account": "a0", "amount": 30}, 31, "n3"),
+    ]
+    first = open_db(scratch / "first")
+    second = open_db(scratch / "second")
+    for command in copies:
+        first.ingest([command])
+    for command in reversed(copies):
+        second.ingest([command])
+    assert first.status().state_digest == second.status().state_digest
+    assert first.status().log_digest == second.status().log_digest
+    viewed = second.view("c2")
+    assert viewed is not None
+    assert viewed[1].status == REJECTED
+    assert viewed[1].reason == "insufficient_funds"
+    first.close()
+    second.close()
+
+
+def test_earlier_copy_takes_over_id(scratch: Path) -> None:
+    """A copy of a folded ID that sorts first replaces it and moves its effect."""
+    db = open_db(scratch)
+    db.ingest(
+        [
+            Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1"),
+            Command("d", "ledger.deposit", {"account": "a0", "amount": 50}, 20, "n1"),
+            Command("c", "ledger.charge", {"account": "a0", "amount": 40}, 30, "n1"),
+        ]
+    )
+    report = db.ingest(
+        [Command("c", "ledger.charge", {"account": "a0", "amount": 40}, 5, "n2")]
+    )
+    assert report.replaced == 1
+    viewed = db.view("c")
+    assert viewed is not None
+    assert viewed[0].stamp == 5
+    assert viewed[1].reason == "no_such_account"
+    assert db.query("ledger.balance", {"account": "a0"})["balance"] == 50
+    assert db.status().commands == 3
+    db.close()
+
+
+def test_conflicting_copy_recorded_not_applied(scratch: Path) -> None:
+    """A later copy with another payload is recorded as a conflict and not applied."""
+    db = open_db(scratch)
+    db.ingest(
+        [
+            Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1"),
+            Command("d", "ledger.deposit", {"account": "a0", "amount": 50}, 20, "n1"),
+        ]
+    )
+    report = db.ingest(
+        [Command("d", "ledger.deposit", {"account": "a0", "amount": 999}, 30, "n2")]
+    )
+    assert report.conflicts == ["d"]
+    assert db.query("ledger.balance", {"account": "a0"})["balance"] == 50
+    with db.store.read() as txn:
+        assert txn.count("conflicts") == 1
+    db.close()
+
+
+def test_unknown_type_held_pending(scratch: Path) -> None:
+    """A command of an unknown type is stored, counted, and pending with a reason."""
+    db = open_db(scratch)
+    report = db.ingest([Command("x", "ledger.refund", {"charge": "c"}, 10, "n2")])
+    assert report.held == 1
+    status = db.status()
+    assert status.commands == 1
+    assert status.applied == 0
+    assert status.pending_types == {"ledger.refund": 1}
+    viewed = db.view("x")
+    assert viewed is not None
+    assert viewed[1].status == PENDING
+    assert viewed[1].reason == UNKNOWN_TYPE
+    db.close()
+
+
+def test_future_stamp_held_then_released(scratch: Path) -> None:
+    """A stamp beyond the skew horizon is held and folded once the clock allows."""
+    now = [1_000_000]
+    db = Database(scratch, APP, store_config=fast_store(), now_ms=lambda: now[0])
+    skew_ms = db.clock.skew_ms_max
+    ahead = (now[0] + skew_ms + 5_000) << 16
+    db.ingest(
+        [Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, ahead, "n2")]
+    )
+    assert db.clock.last < ahead
+    viewed = db.view("o")
+    assert viewed is not None
+    assert viewed[1].reason == "clock_skew"
+    assert db.release_pending() == 0
+
+    now[0] += 6_000
+    assert db.release_pending() == 1
+    viewed = db.view("o")
+    assert viewed is not None
+    assert viewed[1].status == APPLIED
+    db.close()
+
+
+def test_submit_retry_and_reuse(database: Database) -> None:
+    """A resubmitted key replays; the same key with another payload is refused."""
+    open_cmd = prepare_submission(
+        APP, "k1", "ledger.open", {"account": "a0", "currency": "EUR"}
+    )
+    first = database.submit([open_cmd])[0]
+    again = database.submit([open_cmd])[0]
+    other = prepare_submission(
+        APP, "k1", "ledger.open", {"account": "a1", "currency": "EUR"}
+    )
+    reused = database.submit([other])[0]
+    assert not isinstance(first, KeyReused)
+    assert first.created
+    assert not isinstance(again, KeyReused)
+    assert not again.created
+    assert again.command == first.command
+    assert isinstance(reused, KeyReused)
+    assert database.status().commands == 1
+
+
+def test_submit_duplicates_in_one_batch(database: Database) -> None:
+    """Two submissions with one key in the same commit store one command."""
+    open_cmd = prepare_submission(
+        APP, "k1", "ledger.open", {"account": "a0", "currency": "EUR"}
+    )
+    results = database.submit([open_cmd, open_cmd])
+    created = [r.created for r in results if not isinstance(r, KeyReused)]
+    assert created == [True, False]
+    assert database.status().commands == 1
+
+
+def test_undo_records_bounded_by_horizon(scratch: Path) -> None:
+    """Only the newest folded commands keep undo records."""
+    db = open_db(scratch, horizon=5)
+    db.ingest(
+        [
+            Command(
+                f"o{i}",
+                "ledger.open",
+                {"account": f"a{i}", "currency": "EUR"},
+                10 + i,
+                "n1",
+            )
+            for i in range(12)
+        ]
+    )
+    with db.store.read() as txn:
+        assert txn.count("undo") == 5
+        assert txn.count("folded") == 12
+    db.close()

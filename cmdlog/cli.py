@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cmdlog.app import App
 from cmdlog.errors import CmdlogError
@@ -51,6 +54,132 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report.matches else 1
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CMDLOG_{name}", default)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"CMDLOG_{name} must be an integer, found {value!r}") from None
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot read --token-file {args.token_file}: {exc}"
+            ) from exc
+        if not token:
+            raise SystemExit(f"--token-file {args.token_file} is empty")
+        return token
+    return _env("TOKEN") or None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cmdlog.config import HttpConfig
+    from cmdlog.logs import configure_logging
+    from cmdlog.node import NodeConfig
+    from cmdlog.server import Server
+
+    configure_logging(args.log_level)
+    config = NodeConfig(
+        data_dir=args.data,
+        app_spec=args.app,
+        peers=tuple(args.peer),
+        http=HttpConfig(
+            body_bytes_max=args.body_bytes_max,
+            batch_items_max=args.batch_items_max,
+            connections_max=args.connections_max,
+            requests_in_flight_max=args.requests_max,
+        ),
+        token=_read_token(args),
+    )
+    server = Server(config, load_app(args.app), args.listen)
+    asyncio.run(server.serve_until_signalled())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cmdlog.status_view import show_status
+
+    return show_status(args.url, token=_read_token(args))
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run a node",
+        description="Run a cmdlog node. Every flag can also be set by the "
+        "environment variable named in its help.",
+    )
+    serve.add_argument(
+        "--data",
+        default=_env("DATA"),
+        required=_env("DATA") is None,
+        help="data directory, created if missing (CMDLOG_DATA)",
+    )
+    serve.add_argument(
+        "--listen",
+        default=_env("LISTEN", "127.0.0.1:7001"),
+        help="HOST:PORT to listen on (CMDLOG_LISTEN, default 127.0.0.1:7001); "
+        "a non-loopback host needs a token",
+    )
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[p for p in (_env("PEERS") or "").split(",") if p],
+        help="URL of a peer to replicate from; repeat per peer (CMDLOG_PEERS, "
+        "comma-separated)",
+    )
+    serve.add_argument(
+        "--app",
+        default=_env("APP", DEFAULT_APP),
+        help=f"MODULE:ATTR of the app to serve (CMDLOG_APP, default {DEFAULT_APP})",
+    )
+    serve.add_argument(
+        "--token-file",
+        default=_env("TOKEN_FILE"),
+        help="file holding the bearer token clients must send (CMDLOG_TOKEN_FILE; "
+        "or the token itself in CMDLOG_TOKEN)",
+    )
+    serve.add_argument(
+        "--body-bytes-max",
+        type=int,
+        default=_env_int("BODY_BYTES_MAX", 1 << 20),
+        help="largest request body in bytes, 413 above it (CMDLOG_BODY_BYTES_MAX, "
+        "default 1048576)",
+    )
+    serve.add_argument(
+        "--batch-items-max",
+        type=int,
+        default=_env_int("BATCH_ITEMS_MAX", 1000),
+        help="most items in one batch request (CMDLOG_BATCH_ITEMS_MAX, default 1000)",
+    )
+    serve.add_argument(
+        "--connections-max",
+        type=int,
+        default=_env_int("CONNECTIONS_MAX", 1024),
+        help="open client connections before requests get 503 "
+        "(CMDLOG_CONNECTIONS_MAX, default 1024)",
+    )
+    serve.add_argument(
+        "--requests-max",
+        type=int,
+        default=_env_int("REQUESTS_MAX", 2048),
+        help="requests handled at once before more get 503 "
+        "(CMDLOG_REQUESTS_MAX, default 2048)",
+    )
+    serve.set_defaults(run=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmdlog",
@@ -79,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"MODULE:ATTR of the app (default {DEFAULT_APP})",
     )
     replay.set_defaults(run=_replay)
+
+    _add_serve(commands)
+
+    status = commands.add_parser(
+        "status", help="show a readable view of a node's /status"
+    )
+    status.add_argument("url", help="the node's base URL, e.g. http://127.0.0.1:7001")
+    status.add_argument(
+        "--token-file",
+        default=_env("TOKEN_FILE"),
+        help="file holding the node's bearer token (or set CMDLOG_TOKEN)",
+    )
+    status.set_defaults(run=_status)
     return parser
 
 

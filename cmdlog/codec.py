@@ -65,18 +65,30 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     """Decode one msgpack value; raise `MalformedBody` on bytes that are not one.
 
-    The caller still has to run `check_value` on anything a client sent.
+    Use `unpack_checked` for bytes from a client or a peer.
     """
     try:
         return _unpackb(data, **_unpacker_options)
     except MalformedBody:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise MalformedBody(f"body is not valid msgpack: {exc}") from exc
-    except RecursionError as exc:
+    except (msgpack.StackError, RecursionError) as exc:
         raise MalformedBody(
             f"msgpack body is nested too deeply; keep it under {DEPTH_MAX} levels"
         ) from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise MalformedBody(f"body is not valid msgpack: {detail}") from exc
+
+
+def unpack_checked(data: bytes, field: str) -> Any:
+    """Decode msgpack from outside (a client or a peer) and check it is plain data.
+
+    msgpack decodes its timestamp extension (type -1) itself instead of
+    passing it to the extension hook, so only `check_value` rejects it.
+    """
+    value = unpack(data)
+    check_value(value, field)
+    return value
 
 
 def new_unpacker(*, buffer_bytes_max: int) -> msgpack.Unpacker:

@@ -49,3 +49,20 @@ class ClockConfig:
     skew_ms_max: int = 60_000
     """A peer command stamped further ahead of local wall time than this is
     stored but not folded until the local clock catches up."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Bounds of the HTTP API."""
+
+    body_bytes_max: int = 1 * MIB
+    """Largest request body, for one command or a whole batch (413 above it).
+    Commands arriving by replication are held to the same limit."""
+    batch_items_max: int = 1_000
+    connections_max: int = 1_024
+    """Open client connections; a request on a connection above this gets 503."""
+    requests_in_flight_max: int = 2_048
+    """Requests being handled at once; above this a request gets 503."""
+    shutdown_timeout_s: float = 10.0
+    """How long SIGTERM waits for in-flight requests before closing them."""
+    retry_after_s: int = 1

@@ -52,7 +52,7 @@ def test_now_follows_wall_forward() -> None:
 
 
 def test_now_increases_frozen_wall() -> None:
-    """Stamps strictly increase while the wall clock stands still."""
+    """Stamps strictly increase while the wall clock is frozen."""
     wall = FakeWall()
     clock = new_clock(wall)
     stamps = [clock.now() for _ in range(1000)]

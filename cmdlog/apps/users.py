@@ -61,7 +61,10 @@ def lookup(state: StateReader, args: Mapping[str, str]) -> dict[str, Any]:
         raise InvalidArgument(
             "query users.lookup needs ?username=NAME; the username argument is missing"
         )
-    canonical = canonical_username(username)
+    try:
+        canonical = canonical_username(username)
+    except ValidationError as exc:
+        raise InvalidArgument(f"query argument {exc.message}") from exc
     record: dict[str, Any] | None = state.get(user_key(canonical))
     if record is None:
         raise NotFound(f"no user registered as {canonical!r}")

@@ -1,0 +1,397 @@
+"""The HTTP API: the Idempotency-Key contract on top of a node.
+
+Each handler turns a request into node calls and a response; everything
+about encodings lives in `wire`, and every failure is a `CmdlogError`
+rendered by one middleware as `{"error": {"code", "message"}}`. When
+several errors apply, the first of 401, 413, 415, 400, 422 wins, which is
+the order in which a request is checked: the token (middleware), the body
+size, the Content-Type, the key and body shape, then the command itself.
+
+Retries follow the IETF Idempotency-Key draft with two differences: a key
+reused with another payload is 422 (the draft leaves the status open), and
+a retry that arrives while the first request is still committing waits for
+that commit and replays it instead of getting 409, because the single
+writer thread serializes them anyway.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cmdlog import wire
+from cmdlog.engine import Accepted, prepare_submission
+from cmdlog.errors import (
+    ClientError,
+    CmdlogError,
+    InvalidKey,
+    KeyReused,
+    MalformedBody,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnknownCommandType,
+    ValidationError,
+)
+from cmdlog.metrics import Metrics
+from cmdlog.model import command_view, parse_key
+from cmdlog.node import Node
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NODE = web.AppKey("node", Node)
+METRICS = web.AppKey("metrics", Metrics)
+UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
+COMMAND_FIELDS = ("type", "payload")
+BATCH_ITEM_FIELDS = ("id", "type", "payload")
+
+
+def error_body(error: CmdlogError) -> dict[str, Any]:
+    detail: dict[str, Any] = {"code": error.code, "message": error.message}
+    if isinstance(error, ValidationError):
+        detail["field"] = error.field
+        detail["rule"] = error.rule
+    if isinstance(error, UnknownCommandType):
+        detail["known_types"] = error.known
+    return {"error": detail}
+
+
+def respond(
+    request: web.Request,
+    body: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    fmt = wire.response_format(request.headers.get("Accept"))
+    return web.Response(
+        body=wire.encode(body, fmt), status=status, content_type=fmt, headers=headers
+    )
+
+
+def respond_error(request: web.Request, error: CmdlogError) -> web.Response:
+    headers = {}
+    if error.status in (503, 507):
+        headers["Retry-After"] = str(getattr(error, "retry_after_s", 1))
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cmdlog"'
+    return respond(request, error_body(error), error.status, headers)
+
+
+# middlewares
+
+
+@web.middleware
+async def handle_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error as JSON or msgpack, log one line per request."""
+    started = time.monotonic()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except CmdlogError as error:
+        if not isinstance(error, ClientError):
+            log.warning("request_failed", code=error.code, error=error.message)
+        response = respond_error(request, error)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[NODE].config.http.body_bytes_max
+        response = respond_error(
+            request,
+            PayloadTooLarge(
+                f"body is larger than the limit of {limit} bytes; split it into "
+                "smaller requests"
+            ),
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        http_error = ClientError(f"{exc.reason} for {request.method} {request.path}")
+        http_error.status = exc.status
+        http_error.code = exc.reason.lower().replace(" ", "_")
+        response = respond_error(request, http_error)
+    except Exception as exc:
+        log.error("request_crashed", path=request.path, exc_info=exc)
+        internal = CmdlogError("internal error; retry the request with the same key")
+        internal.code = "internal_error"
+        response = respond_error(request, internal)
+
+    duration_s = time.monotonic() - started
+    route = _route_name(request)
+    metrics = request.app[METRICS]
+    metrics.http_requests.labels(request.method, route, str(response.status)).inc()
+    metrics.http_latency.labels(route).observe(duration_s)
+    if request.path != "/replicate":
+        log.info(
+            "request_handled",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round(duration_s * 1000, 2),
+            command_id=request.get("command_id"),
+        )
+    return response
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+class Limits:
+    """Counts open connections and in-flight requests against their bounds."""
+
+    def __init__(self, node: Node) -> None:
+        self.config = node.config.http
+        self.in_flight = 0
+        self.connections: Callable[[], int] = lambda: 0
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return await handler(request)
+        if self.connections() > self.config.connections_max:
+            raise Overloaded(
+                f"the node has more than {self.config.connections_max} open "
+                "connections; retry after a short wait or use another node"
+            )
+        if self.in_flight >= self.config.requests_in_flight_max:
+            raise Overloaded(
+                f"the node is handling {self.in_flight} requests, its limit; "
+                "retry after a short wait or use another node"
+            )
+        self.in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+
+LIMITS = web.AppKey("limits", Limits)
+
+
+def make_auth(token: str | None) -> Callable[..., Any]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def authenticate(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if expected is not None and request.path not in UNAUTHENTICATED_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized(
+                    "missing or wrong bearer token; send the header "
+                    "'Authorization: Bearer <token>' with the node's token"
+                )
+        return await handler(request)
+
+    return authenticate
+
+
+# handlers
+
+
+async def read_body(request: web.Request) -> Any:
+    """Read and decode the body: 413 over the limit, 415, then 400."""
+    limit = request.app[NODE].config.http.body_bytes_max
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"body of {request.content_length} bytes is over the limit of {limit} "
+            "bytes; split it into smaller requests"
+        )
+    data = await request.read()
+    fmt = wire.body_format(request.headers.get("Content-Type"))
+    if not data:
+        raise MalformedBody("body is empty; send a command as JSON or msgpack")
+    return wire.decode(data, fmt)
+
+
+def _require_map(value: Any, what: str, fields: tuple[str, ...]) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise MalformedBody(
+            f"{what} must be a map with {', '.join(fields)}, found "
+            f"{type(value).__name__}"
+        )
+    for name in value:
+        if name not in fields:
+            raise MalformedBody(
+                f"{what} has an unexpected field {name!r}; it takes only "
+                f"{', '.join(fields)}"
+            )
+    if "type" not in value:
+        raise MalformedBody(f"{what} is missing the field 'type'")
+    if "payload" not in value:
+        raise MalformedBody(f"{what} is missing the field 'payload'")
+    return value
+
+
+async def post_command(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    metrics = request.app[METRICS]
+    body = await read_body(request)
+    key = parse_key(request.headers.get("Idempotency-Key"))
+    request["command_id"] = key
+    command = _require_map(body, "body", COMMAND_FIELDS)
+    try:
+        submission = prepare_submission(
+            node.app, key, command["type"], command["payload"]
+        )
+    except ClientError:
+        metrics.commands.labels("invalid").inc()
+        raise
+    request["command_id"] = submission.id
+
+    result = (await node.submit([submission]))[0]
+    if isinstance(result, KeyReused):
+        metrics.commands.labels("key_reused").inc()
+        raise result
+    return _accepted_response(request, result, metrics)
+
+
+def _accepted_response(
+    request: web.Request, result: Accepted, metrics: Metrics
+) -> web.Response:
+    view = command_view(result.command, result.outcome)
+    if result.created:
+        metrics.commands.labels("created").inc()
+        location = "/commands/" + urllib.parse.quote(result.command.id, safe="")
+        return respond(request, view, 201, {"Location": location})
+    metrics.commands.labels("replayed").inc()
+    return respond(request, view, 200, {"Idempotent-Replayed": "true"})
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    metrics = request.app[METRICS]
+    items_max = node.config.http.batch_items_max
+    body = await read_body(request)
+    if type(body) is not list:
+        raise MalformedBody(
+            f"batch body must be an array of {{id, type, payload}} maps, found "
+            f"{type(body).__name__}"
+        )
+    if len(body) > items_max:
+        raise PayloadTooLarge(
+            f"batch has {len(body)} items; the limit is {items_max}, so split it"
+        )
+    for index, item in enumerate(body):
+        if type(item) is not dict:
+            raise MalformedBody(
+                f"batch item {index} must be a map with id, type and payload, "
+                f"found {type(item).__name__}"
+            )
+
+    results: list[tuple[int, Any] | None] = []
+    submissions = []
+    for index, item in enumerate(body):
+        try:
+            _require_map(item, f"batch item {index}", BATCH_ITEM_FIELDS)
+            raw_id = item.get("id")
+            if raw_id is not None and type(raw_id) is not str:
+                raise InvalidKey(f"batch item {index}: id must be a string")
+            key = parse_key(raw_id, field=f"batch item {index} id")
+            submissions.append(
+                prepare_submission(node.app, key, item["type"], item["payload"])
+            )
+            results.append(None)
+        except ClientError as error:
+            metrics.commands.labels("invalid").inc()
+            results.append((error.status, error_body(error)))
+
+    committed = iter(await node.submit(submissions)) if submissions else iter(())
+    answers = []
+    for slot in results:
+        if slot is not None:
+            answers.append({"status": slot[0], "body": slot[1]})
+            continue
+        result = next(committed)
+        if isinstance(result, KeyReused):
+            metrics.commands.labels("key_reused").inc()
+            answers.append({"status": result.status, "body": error_body(result)})
+            continue
+        created = result.created
+        metrics.commands.labels("created" if created else "replayed").inc()
+        answers.append(
+            {
+                "status": 201 if created else 200,
+                "body": command_view(result.command, result.outcome),
+            }
+        )
+    return respond(request, {"results": answers})
+
+
+async def get_command(request: web.Request) -> web.Response:
+    command_id = request.match_info["id"]
+    request["command_id"] = command_id
+    viewed = request.app[NODE].view(command_id)
+    if viewed is None:
+        raise NotFound(f"no command with ID {command_id!r} is stored on this node")
+    return respond(request, command_view(*viewed))
+
+
+async def get_query(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    args = {key: value for key, value in request.query.items()}
+    result = request.app[NODE].query(name, args)
+    return respond(request, {"result": result})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    status = node.status()
+    return respond(
+        request,
+        {
+            "node": node.node_id,
+            "log_instance": node.database.log_instance,
+            "commands": status.commands,
+            "applied": status.applied,
+            "pending": status.pending,
+            "log_entries": status.log_entries,
+            "digest": {"state": status.state_digest, "log": status.log_digest},
+            "peers": [],
+            "pending_types": status.pending_types,
+            "types": node.app.type_names(),
+        },
+    )
+
+
+async def get_health(request: web.Request) -> web.Response:
+    return respond(request, {"status": "ok", "node": request.app[NODE].node_id})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[METRICS].registry)
+    response = web.Response(body=data)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def create_app(node: Node, metrics: Metrics | None = None) -> web.Application:
+    """Build the aiohttp application serving `node`."""
+    metrics = metrics or Metrics()
+    limits = Limits(node)
+    app = web.Application(
+        middlewares=[handle_errors, limits.middleware, make_auth(node.config.token)],
+        client_max_size=node.config.http.body_bytes_max,
+    )
+    app[NODE] = node
+    app[METRICS] = metrics
+    app[LIMITS] = limits
+    app.router.add_post("/commands", post_command)
+    app.router.add_post("/commands/batch", post_batch)
+    app.router.add_get("/commands/{id:.+}", get_command)
+    app.router.add_get("/queries/{name}", get_query)
+    app.router.add_get("/status", get_status)
+    app.router.add_get("/healthz", get_health)
+    app.router.add_get("/metrics", get_metrics)
+    return app

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one node, in a registry of its own.
+
+Counters and histograms are updated where events happen; gauges that
+mirror the store (counts, map size, queue depths and their limits) are read
+at scrape time by a collector, so they cannot drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# The *_created series double every counter's output and nothing here uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0
+)  # fmt: skip
+
+
+class _GaugeCollector(Collector):
+    """Reads current values from the node at each scrape."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, (help_text, value) in self._read().items():
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+
+class Metrics:
+    """The node's metrics and the registry that exposes them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "cmdlog_http_requests",
+            "HTTP requests handled, by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "cmdlog_http_request_duration_seconds",
+            "Time from request start to response, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.commands = Counter(
+            "cmdlog_client_commands",
+            "Client commands by result: created, replayed, key_reused, invalid",
+            ["result"],
+            registry=self.registry,
+        )
+        self.commits = Counter(
+            "cmdlog_commits", "Durable group commits", registry=self.registry
+        )
+
+    def add_gauges(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        """Register a function returning `{name: (help, value)}` read at scrape time."""
+        self.registry.register(_GaugeCollector(read))

@@ -1,0 +1,159 @@
+"""The server: runs one node behind aiohttp until SIGTERM or SIGINT.
+
+Shutdown drains in order: stop accepting connections, let in-flight
+requests finish (up to `shutdown_timeout_s`), commit everything the writer
+has queued, close the store. A request that had not reached the writer by
+then gets 503, so its client retries elsewhere and nothing half-done is
+ever acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import socket
+
+import structlog
+from aiohttp import web
+
+from cmdlog.app import App
+from cmdlog.errors import StartupError
+from cmdlog.http_api import LIMITS, Limits, create_app
+from cmdlog.metrics import Metrics
+from cmdlog.node import Node, NodeConfig
+
+log = structlog.get_logger(__name__)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (IPv6 hosts in brackets); raise StartupError if malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise StartupError(
+            f"--listen must be HOST:PORT, for example 127.0.0.1:7001; found {listen!r}"
+        )
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise StartupError(f"--listen port {port} is outside 0-65535")
+    return host.strip("[]"), port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    """One node served over HTTP, with an orderly start and stop."""
+
+    def __init__(self, config: NodeConfig, app: App, listen: str) -> None:
+        self.host, self.port = parse_listen(listen)
+        if not is_loopback(self.host) and not config.token:
+            raise StartupError(
+                f"listening on {self.host}, which is not a loopback address, needs "
+                "a token; pass --token-file FILE or set CMDLOG_TOKEN"
+            )
+        self.config = config
+        self.node = Node(config, app)
+        self.metrics = Metrics()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        await self.node.start()
+        web_app = create_app(self.node, self.metrics)
+        runner = web.AppRunner(
+            web_app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.config.http.shutdown_timeout_s,
+        )
+        await runner.setup()
+        limits = web_app[LIMITS]
+        server = runner.server
+        assert server is not None
+        limits.connections = lambda: len(server.connections)
+        self.node.writer.on_commit.append(self.metrics.commits.inc)
+        self.metrics.add_gauges(lambda: self._gauges(limits))
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self._runner = runner
+        self.port = self._bound_port(site)
+        log.info(
+            "server_started",
+            node=self.node.node_id,
+            host=self.host,
+            port=self.port,
+            auth=self.config.token is not None,
+        )
+
+    def _gauges(self, limits: Limits) -> dict[str, tuple[str, float]]:
+        status = self.node.status()
+        store = self.node.database.store
+        writer = self.node.writer
+        http = self.config.http
+        return {
+            "cmdlog_commands": ("Distinct command IDs stored", status.commands),
+            "cmdlog_applied": ("Commands folded, rejections included", status.applied),
+            "cmdlog_pending": ("Commands stored but not folded yet", status.pending),
+            "cmdlog_log_entries": ("Entries in the local log", status.log_entries),
+            "cmdlog_map_bytes": ("Size of the LMDB map", store.map_bytes()),
+            "cmdlog_map_used_bytes": (
+                "Bytes of the LMDB map in use",
+                store.used_bytes(),
+            ),
+            "cmdlog_writer_queue_requests": (
+                "Jobs waiting for the writer",
+                writer.queued(),
+            ),
+            "cmdlog_writer_queue_requests_max": (
+                "Limit of jobs waiting for the writer",
+                writer.config.queue_requests_max,
+            ),
+            "cmdlog_http_connections": (
+                "Open client connections",
+                limits.connections(),
+            ),
+            "cmdlog_http_connections_max": (
+                "Limit of open connections",
+                http.connections_max,
+            ),
+            "cmdlog_http_requests_in_flight": (
+                "Requests being handled",
+                limits.in_flight,
+            ),
+            "cmdlog_http_requests_in_flight_max": (
+                "Limit of requests handled at once",
+                http.requests_in_flight_max,
+            ),
+        }
+
+    @staticmethod
+    def _bound_port(site: web.TCPSite) -> int:
+        server = site._server  # aiohttp keeps the asyncio server private
+        assert isinstance(server, asyncio.base_events.Server)
+        sock: socket.socket = server.sockets[0]
+        port: int = sock.getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        log.info("server_stopping", node=self.node.node_id)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.node.stop()
+        log.info("server_stopped")
+
+    async def serve_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        print(f"cmdlog listening on http://{self.host}:{self.port}", flush=True)
+        await stop.wait()
+        log.info("shutdown_signalled")
+        await self.stop()

@@ -1,0 +1,100 @@
+"""Body encodings of the HTTP API: JSON and msgpack, chosen per request.
+
+A request body is read by its Content-Type (none means JSON, and
+`application/x-msgpack` is taken as msgpack); a response is written in the
+encoding the Accept header prefers, JSON when it names neither. Both
+decoders hold bodies to the JSON data model through `codec.check_value`,
+so a command arrives the same whichever encoding carried it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cmdlog import codec
+from cmdlog.errors import MalformedBody, UnsupportedMediaType
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+_MSGPACK_TYPES = (MSGPACK, "application/x-msgpack")
+_JSON_TYPES = (JSON, "text/json")
+
+
+def body_format(content_type: str | None) -> str:
+    """Return JSON or MSGPACK for a Content-Type header; raise 415 otherwise."""
+    if not content_type:
+        return JSON
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in _JSON_TYPES or media.endswith("+json"):
+        return JSON
+    if media in _MSGPACK_TYPES:
+        return MSGPACK
+    raise UnsupportedMediaType(
+        f"Content-Type {media!r} is not supported; send {JSON} or {MSGPACK}"
+    )
+
+
+def response_format(accept: str | None) -> str:
+    """Return the encoding an Accept header prefers between JSON and msgpack."""
+    if not accept:
+        return JSON
+    best, best_q = JSON, -1.0
+    for part in accept.split(","):
+        media, *params = (item.strip() for item in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if media in _MSGPACK_TYPES:
+            candidate = MSGPACK
+        elif media in _JSON_TYPES or media in ("*/*", "application/*"):
+            candidate = JSON
+        else:
+            continue
+        if q > best_q or (q == best_q and candidate == JSON):
+            best, best_q = candidate, q
+    return best if best_q != 0.0 else JSON
+
+
+def decode(data: bytes, fmt: str) -> Any:
+    """Decode a request body; raise `MalformedBody` naming what is wrong."""
+    if fmt == MSGPACK:
+        return codec.unpack_checked(data, "body")
+    value = _decode_json(data)
+    codec.check_value(value, "body")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedBody(f"body contains {name}, which is not valid JSON; send a number")
+
+
+def _decode_json(data: bytes) -> Any:
+    # The standard library parser keeps big integers exact (faster parsers
+    # turn them into floats), so `check_value` can reject them by range.
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(
+            f"body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON"
+        ) from exc
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to parse
+        raise MalformedBody(f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedBody(
+            f"body is nested too deeply; keep it under {codec.DEPTH_MAX} levels"
+        ) from exc
+
+
+def encode(value: Any, fmt: str) -> bytes:
+    if fmt == MSGPACK:
+        return codec.pack(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

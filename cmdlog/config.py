@@ -66,3 +66,27 @@ class HttpConfig:
     shutdown_timeout_s: float = 10.0
     """How long SIGTERM waits for in-flight requests before closing them."""
     retry_after_s: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    """Bounds of the replication stream and of each puller."""
+
+    heartbeat_interval_s: float = 1.0
+    """Idle time after which a stream sends a heartbeat; a reader that takes
+    no bytes for two intervals is dropped."""
+    frame_entries_max: int = 1_000
+    frame_bytes_max: int = 4 * MIB
+    """Largest frame a node sends or accepts; at least the body limit, since one
+    command of the largest allowed size must fit in a frame."""
+    ingest_commands_max: int = 2_000
+    """Commands a puller folds in one transaction (one sorted batch)."""
+    queue_frames_max: int = 4
+    """Frames a puller buffers between the socket and the writer."""
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    read_idle_timeout_s: float = 5.0
+    """A stream that sends nothing, not even a heartbeat, for this long is
+    treated as dead and reconnected."""
+    streams_max: int = 64

@@ -85,6 +85,7 @@ class Status:
     state_digest: str
     log_digest: str
     pending_types: dict[str, int]
+    conflicts: int
 
 
 @dataclass(slots=True)
@@ -503,6 +504,7 @@ class Engine:
             state_digest=txn.meta_get("state_digest", bytes(32)).hex(),
             log_digest=txn.meta_get("log_digest", bytes(32)).hex(),
             pending_types=pending_types,
+            conflicts=txn.count("conflicts"),
         )
 
 

@@ -44,6 +44,7 @@ from cmdlog.errors import (
 from cmdlog.metrics import Metrics
 from cmdlog.model import command_view, parse_key
 from cmdlog.node import Node
+from cmdlog.peering import serve_stream
 
 log = structlog.get_logger(__name__)
 
@@ -358,11 +359,17 @@ async def get_status(request: web.Request) -> web.Response:
             "pending": status.pending,
             "log_entries": status.log_entries,
             "digest": {"state": status.state_digest, "log": status.log_digest},
-            "peers": [],
+            "peers": [peer.to_json() for peer in node.peers.states()],
+            "conflicts": status.conflicts,
             "pending_types": status.pending_types,
             "types": node.app.type_names(),
         },
     )
+
+
+async def get_replicate(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    return await serve_stream(request, node, node.config.replication)
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -394,4 +401,5 @@ def create_app(node: Node, metrics: Metrics | None = None) -> web.Application:
     app.router.add_get("/status", get_status)
     app.router.add_get("/healthz", get_health)
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/replicate", get_replicate)
     return app

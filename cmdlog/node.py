@@ -7,6 +7,7 @@ every moving part of a running server.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +15,18 @@ from typing import Any
 import structlog
 
 from cmdlog.app import App
-from cmdlog.config import ClockConfig, HttpConfig, StoreConfig, WriterConfig
+from cmdlog.config import (
+    ClockConfig,
+    HttpConfig,
+    ReplicationConfig,
+    StoreConfig,
+    WriterConfig,
+)
 from cmdlog.database import Database
 from cmdlog.engine import Accepted, Status, Submission
 from cmdlog.errors import KeyReused
 from cmdlog.model import Command, Outcome
+from cmdlog.peering import CommitSignal, Peers
 from cmdlog.store import Txn
 from cmdlog.writer import Writer
 
@@ -36,11 +44,15 @@ class NodeConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     token: str | None = None
+    advertise_url: str | None = None
+    """URL peers should use to reach this node; announced to every peer pulled
+    from, so it starts pulling back."""
 
 
 class Node:
-    """A running cmdlog node: storage, group commit, and (later) replication."""
+    """A running cmdlog node: storage, group commit and replication."""
 
     def __init__(self, config: NodeConfig, app: App) -> None:
         self.config = config
@@ -52,16 +64,40 @@ class Node:
             clock_config=config.clock,
         )
         self.writer = Writer(self.database, config.writer)
+        self.advertise_url = config.advertise_url
+        self.conflicts_seen = 0
+        self.closing = asyncio.Event()
+        self.commit_signal: CommitSignal | None = None
+        self.peers = Peers(self, config.replication)
 
     @property
     def node_id(self) -> str:
         return self.database.node_id
 
+    def peer_headers(self) -> dict[str, str]:
+        """Headers a puller sends to a peer: the cluster token, when set."""
+        if self.config.token:
+            return {"Authorization": f"Bearer {self.config.token}"}
+        return {}
+
     async def start(self) -> None:
+        signal = CommitSignal()
+        self.commit_signal = signal
+        self.writer.on_commit.append(signal.fire_threadsafe)
         self.writer.start()
         log.info("node_started", node=self.node_id, data_dir=self.config.data_dir)
 
+    async def start_peers(self) -> None:
+        """Start pulling from configured and remembered peers."""
+        await self.peers.start(list(self.config.peers))
+
+    async def close_streams(self) -> None:
+        """Stop pulling and end every replication stream this node serves."""
+        self.closing.set()
+        await self.peers.stop()
+
     async def stop(self) -> None:
+        await self.close_streams()
         await self.writer.stop()
         self.database.close()
         log.info("node_stopped", node=self.node_id)

@@ -83,6 +83,9 @@ class Server:
         await site.start()
         self._runner = runner
         self.port = self._bound_port(site)
+        if self.node.advertise_url is None:
+            self.node.advertise_url = f"http://{self.host}:{self.port}"
+        await self.node.start_peers()
         log.info(
             "server_started",
             node=self.node.node_id,
@@ -142,6 +145,7 @@ class Server:
 
     async def stop(self) -> None:
         log.info("server_stopping", node=self.node.node_id)
+        await self.node.close_streams()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.node.stop()

@@ -1,0 +1,403 @@
+"""Peering: the HTTP transport of replication, both ends of `GET /replicate`.
+
+The serving end streams the local log from a cursor: first what is stored,
+then each commit as it lands, with heartbeats while idle. It reads LMDB in
+bounded chunks and awaits the socket between chunks, so a slow reader costs
+one chunk of memory and is served from the log at its own position, and a
+reader that takes nothing for two heartbeat intervals is dropped.
+
+The pulling end, one `Puller` per peer, reads frames into a small bounded
+queue; an ingester takes them off, folds up to `ingest_commands_max`
+commands per transaction and stores the cursor in that same transaction.
+Connection failures are retried with capped exponential backoff and
+jitter. A frame over the size limit, a corrupt frame, or a peer of another
+protocol version stops the puller with the cursor where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import urllib.parse
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from cmdlog import frames, replication
+from cmdlog.config import ReplicationConfig
+from cmdlog.errors import (
+    CmdlogError,
+    DataError,
+    InvalidArgument,
+    Overloaded,
+    VersionMismatch,
+)
+from cmdlog.frames import FrameError, FrameReader, encode_frame
+from cmdlog.model import Command
+from cmdlog.replication import PeerState
+from cmdlog.store import Txn
+
+log = structlog.get_logger(__name__)
+
+STREAM_CONTENT_TYPE = "application/x-cmdlog-frames"
+READ_CHUNK_BYTES = 64 * 1024
+
+
+class CommitSignal:
+    """Wakes every stream waiting for the next commit.
+
+    `current()` returns an event that the next commit sets; a stream takes
+    it before reading the log, so a commit that lands between its read and
+    its wait still wakes it and nothing is missed at the hand-off.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def current(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def fire_threadsafe(self) -> None:
+        self._loop.call_soon_threadsafe(self.fire)
+
+
+def normalize_url(url: str) -> str:
+    """Return a peer URL without trailing slash; raise InvalidArgument if unusable."""
+    parsed = urllib.parse.urlsplit(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidArgument(
+            f"peer URL {url!r} is not an http:// or https:// URL with a host"
+        )
+    return urllib.parse.urlunsplit(
+        (parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", "")
+    )
+
+
+async def serve_stream(
+    request: web.Request,
+    node: Any,
+    config: ReplicationConfig,
+) -> web.StreamResponse:
+    """Stream the local log after `?after=SEQ` until the node stops or the
+    reader goes away."""
+    replication.check_version(_int_arg(request, "version", default=1))
+    after = _int_arg(request, "after", default=0)
+    announce = request.query.get("announce")
+    if announce:
+        await node.peers.learn(normalize_url(announce))
+    if node.peers.streams >= config.streams_max:
+        raise Overloaded(
+            f"this node already serves {config.streams_max} replication streams; "
+            "retry later"
+        )
+
+    database = node.database
+    response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
+    await response.prepare(request)
+    write_timeout_s = 2 * config.heartbeat_interval_s
+    node.peers.streams += 1
+    log.info("stream_opened", after_seq=after, remote=request.remote)
+    try:
+        _entries, head = replication.read_log_chunk(
+            database, after, entries_max=0, bytes_max=0
+        )
+        await _write(response, replication.hello_frame(database, head), write_timeout_s)
+        cursor = after
+        while not node.closing.is_set():
+            wake = node.commit_signal.current()
+            entries, head = replication.read_log_chunk(
+                database,
+                cursor,
+                entries_max=config.frame_entries_max,
+                bytes_max=config.frame_bytes_max // 2,
+            )
+            if entries:
+                frame = {"t": frames.COMMANDS, "entries": entries, "head": head}
+                await _write(response, frame, write_timeout_s)
+                cursor = entries[-1][0]
+                continue
+            if not await _wait_any(wake, node.closing, config.heartbeat_interval_s):
+                await _write(
+                    response, {"t": frames.HEARTBEAT, "head": head}, write_timeout_s
+                )
+    except (ConnectionError, TimeoutError) as exc:
+        log.info("stream_closed", reason=type(exc).__name__, remote=request.remote)
+    finally:
+        node.peers.streams -= 1
+    return response
+
+
+async def _write(
+    response: web.StreamResponse, frame: dict[str, Any], timeout_s: float
+) -> None:
+    # Awaiting the write is the backpressure: aiohttp waits for the socket to
+    # drain. A reader that takes nothing for `timeout_s` is given up on.
+    async with asyncio.timeout(timeout_s):
+        await response.write(encode_frame(frame))
+
+
+async def _wait_any(
+    event: asyncio.Event, closing: asyncio.Event, timeout_s: float
+) -> bool:
+    """Wait for `event` or `closing`; return False on timeout."""
+    waiters = [
+        asyncio.ensure_future(event.wait()),
+        asyncio.ensure_future(closing.wait()),
+    ]
+    try:
+        done, _pending = await asyncio.wait(
+            waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
+
+
+def _int_arg(request: web.Request, name: str, *, default: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit():
+        raise InvalidArgument(
+            f"?{name}= must be a non-negative integer, found {text!r}"
+        )
+    return int(text)
+
+
+class Puller:
+    """Pulls one peer's log into the local node, for as long as the node runs."""
+
+    def __init__(self, node: Any, peer: PeerState, config: ReplicationConfig) -> None:
+        self.node = node
+        self.peer = peer
+        self.config = config
+        self.stopped_by_error = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"puller {self.peer.url}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff_s = self.config.backoff_initial_s
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.connect_timeout_s,
+            sock_read=self.config.read_idle_timeout_s,
+        )
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    received = await self._pull(session)
+                    if received:
+                        backoff_s = self.config.backoff_initial_s
+                    self.peer.error = "stream ended"
+                except (FrameError, VersionMismatch) as exc:
+                    self._stop_on_error(exc)
+                    return
+                except (aiohttp.ClientError, TimeoutError, OSError, DataError) as exc:
+                    self.peer.error = f"{type(exc).__name__}: {exc}"
+                    log.info(
+                        "peer_disconnected",
+                        peer=self.peer.url,
+                        error=self.peer.error,
+                        retry_in_s=round(backoff_s, 2),
+                    )
+                finally:
+                    self.peer.connected = False
+                await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
+                backoff_s = min(backoff_s * 2, self.config.backoff_max_s)
+
+    def _stop_on_error(self, exc: CmdlogError) -> None:
+        self.stopped_by_error = True
+        self.peer.error = exc.message
+        log.error("puller_stopped", peer=self.peer.url, error=exc.message)
+
+    async def _pull(self, session: aiohttp.ClientSession) -> bool:
+        """Read one stream until it ends; return True if any frame arrived."""
+        query = {
+            "after": str(self.peer.cursor),
+            "version": str(frames.PROTOCOL_VERSION),
+        }
+        if self.node.advertise_url:
+            query["announce"] = self.node.advertise_url
+        url = f"{self.peer.url}/replicate?{urllib.parse.urlencode(query)}"
+        async with session.get(url, headers=self.node.peer_headers()) as response:
+            if response.status != 200:
+                text = (await response.text())[:500]
+                if response.status == 400 and "version" in text:
+                    raise VersionMismatch(f"{self.peer.url} refused the stream: {text}")
+                raise aiohttp.ClientResponseError(
+                    response.request_info,
+                    (),
+                    status=response.status,
+                    message=text,
+                )
+            reader = FrameReader(frame_bytes_max=self.config.frame_bytes_max)
+            queue: asyncio.Queue[list[tuple[int, Command]] | None] = asyncio.Queue(
+                self.config.queue_frames_max
+            )
+            ingester = asyncio.create_task(self._ingest(queue))
+            try:
+                await self._read_frames(response, reader, queue, ingester)
+            finally:
+                if not ingester.done():
+                    ingester.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ingester
+            return True
+
+    async def _read_frames(
+        self,
+        response: aiohttp.ClientResponse,
+        reader: FrameReader,
+        queue: asyncio.Queue[list[tuple[int, Command]] | None],
+        ingester: asyncio.Task[None],
+    ) -> None:
+        hello_seen = False
+        received_seq = self.peer.cursor
+        async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+            for frame in reader.feed(chunk):
+                if not hello_seen:
+                    await self._accept_hello(frame)
+                    received_seq = self.peer.cursor
+                    hello_seen = True
+                    continue
+                kind = frame["t"]
+                head = frame.get("head")
+                if type(head) is int:
+                    self.peer.head = head
+                if kind == frames.COMMANDS:
+                    entries = replication.parse_entries(frame, after_seq=received_seq)
+                    if entries:
+                        received_seq = entries[-1][0]
+                        await _put_or_fail(queue, entries, ingester)
+                elif kind != frames.HEARTBEAT:
+                    raise FrameError(f"unknown replication frame kind {kind!r}")
+        reader.close()
+        await _put_or_fail(queue, None, ingester)
+        await ingester
+
+    async def _accept_hello(self, hello: dict[str, Any]) -> None:
+        reset = replication.accept_hello(self.peer, hello, self_node=self.node.node_id)
+        self.peer.connected = True
+        self.peer.error = None
+        record = self.peer.to_record()
+        url = self.peer.url
+        await self.node.writer.run(lambda txn: txn.peer_put(url, record))
+        if reset:
+            log.warning("peer_log_replaced", peer=url, node=self.peer.node)
+        log.info(
+            "peer_connected",
+            peer=url,
+            node=self.peer.node,
+            cursor=self.peer.cursor,
+            head=self.peer.head,
+        )
+
+    async def _ingest(
+        self, queue: asyncio.Queue[list[tuple[int, Command]] | None]
+    ) -> None:
+        """Fold queued entries, a sorted batch per transaction, with the cursor."""
+        done = False
+        while not done:
+            batch = await queue.get()
+            if batch is None:
+                return
+            while len(batch) < self.config.ingest_commands_max and not queue.empty():
+                more = queue.get_nowait()
+                if more is None:
+                    done = True
+                    break
+                batch += more
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[int, Command]]) -> None:
+        commands = [command for _seq, command in batch]
+        last_seq = batch[-1][0]
+        url = self.peer.url
+        record = {**self.peer.to_record(), "cursor": last_seq}
+        engine = self.node.database.engine
+
+        def work(txn: Txn) -> Any:
+            report = engine.ingest(txn, commands)
+            txn.peer_put(url, record)
+            return report
+
+        report = await self.node.writer.run(work, size=len(commands))
+        self.peer.cursor = last_seq
+        if report.conflicts:
+            self.node.conflicts_seen += len(report.conflicts)
+
+
+async def _put_or_fail(
+    queue: asyncio.Queue[list[tuple[int, Command]] | None],
+    item: list[tuple[int, Command]] | None,
+    ingester: asyncio.Task[None],
+) -> None:
+    """Queue `item`, or re-raise the ingester's error if it has stopped."""
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait([put, ingester], return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        await ingester  # raises the ingester's error
+        raise DataError("the ingester stopped without an error")
+
+
+class Peers:
+    """The pullers of one node: configured peers, and peers learned at runtime."""
+
+    def __init__(self, node: Any, config: ReplicationConfig) -> None:
+        self.node = node
+        self.config = config
+        self.pullers: dict[str, Puller] = {}
+        self.streams = 0
+
+    async def start(self, configured: list[str]) -> None:
+        with self.node.database.store.read() as txn:
+            stored = txn.peers()
+        for url in [*configured, *stored]:
+            url = normalize_url(url)
+            if url not in self.pullers:
+                self._start_puller(url, stored.get(url))
+
+    def _start_puller(self, url: str, record: dict[str, Any] | None) -> None:
+        peer = PeerState(url)
+        if record:
+            peer.node = record.get("node")
+            peer.instance = record.get("instance")
+            peer.cursor = int(record.get("cursor", 0))
+        puller = Puller(self.node, peer, self.config)
+        self.pullers[url] = puller
+        puller.start()
+        log.info("puller_started", peer=url, cursor=peer.cursor)
+
+    async def learn(self, url: str) -> None:
+        """Start pulling from a peer that announced itself, and remember it."""
+        if url in self.pullers or url == self.node.advertise_url:
+            return
+        record = {"node": None, "instance": None, "cursor": 0}
+        await self.node.writer.run(lambda txn: txn.peer_put(url, record))
+        log.info("peer_learned", peer=url)
+        self._start_puller(url, None)
+
+    async def stop(self) -> None:
+        for puller in self.pullers.values():
+            await puller.stop()
+
+    def states(self) -> list[PeerState]:
+        return [puller.peer for puller in self.pullers.values()]

@@ -1,0 +1,191 @@
+"""Replication logic: reading the log for a stream and checking what arrives.
+
+This module holds the protocol's decisions, free of sockets: which log
+entries a stream sends next, what a hello from a peer means for the
+cursor, and whether a record from a peer is a well-formed command. The
+HTTP transport (`peering`) moves the frames.
+
+Compared with CouchDB's replication, which it resembles (a puller per
+peer, a checkpointed cursor into the peer's local sequence), cmdlog keeps
+the cursor in the same transaction as the commands it covers, so no
+checkpoint can run ahead of what is stored, and identifies the peer's log
+instance in the stream's hello, so a peer whose data directory was
+replaced is read again from the start instead of from a stale sequence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cmdlog import codec, frames
+from cmdlog.database import Database
+from cmdlog.errors import MalformedBody, VersionMismatch
+from cmdlog.frames import FrameError
+from cmdlog.model import KEY_CHARS_MAX, Command
+
+TYPE_CHARS_MAX = 255
+ORIGIN_PATTERN = re.compile(r"[0-9a-f]{1,64}")
+ID_CHARS_MAX = KEY_CHARS_MAX + 64
+"""Longest command ID from a peer: a key with a principal prefix."""
+ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{ID_CHARS_MAX}}}")
+STAMP_MAX = 2**63 - 1
+
+
+def read_log_chunk(
+    database: Database, after_seq: int, *, entries_max: int, bytes_max: int
+) -> tuple[list[list[Any]], int]:
+    """Return up to `entries_max` log entries after `after_seq`, as
+    `[seq, packed record]`, and the log's last sequence number.
+
+    The read transaction is closed before this returns, so a stream never
+    holds one while it waits on a socket.
+    """
+    entries: list[list[Any]] = []
+    size = 0
+    with database.store.read() as txn:
+        head = txn.log_last_seq()
+        for seq, record in txn.log_iter(after_seq):
+            if entries and size + len(record) > bytes_max:
+                break
+            entries.append([seq, record])
+            size += len(record)
+            if len(entries) >= entries_max:
+                break
+    return entries, head
+
+
+def hello_frame(database: Database, head: int) -> dict[str, Any]:
+    return {
+        "t": frames.HELLO,
+        "version": frames.PROTOCOL_VERSION,
+        "node": database.node_id,
+        "instance": database.log_instance,
+        "head": head,
+        "types": database.app.type_names(),
+    }
+
+
+def check_version(version: Any) -> None:
+    if version != frames.PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"the peer speaks replication version {version!r}, this node speaks "
+            f"version {frames.PROTOCOL_VERSION}; run the same cmdlog release on "
+            "both, or one that supports both versions"
+        )
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What a node knows of one peer it pulls from."""
+
+    url: str
+    node: str | None = None
+    instance: str | None = None
+    cursor: int = 0
+    head: int = 0
+    connected: bool = False
+    types: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.cursor)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"node": self.node, "instance": self.instance, "cursor": self.cursor}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "node": self.node,
+            "cursor": self.cursor,
+            "connected": self.connected,
+            "lag": self.lag,
+            "head": self.head,
+            "error": self.error,
+        }
+
+
+def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> bool:
+    """Apply a stream's hello to `peer`; return True if the cursor was reset.
+
+    Raises `VersionMismatch` for another protocol version and `FrameError`
+    for a malformed hello. A hello from this very node (a peer URL that
+    points back at us) is a `FrameError` too, so the puller stops.
+    """
+    if hello.get("t") != frames.HELLO:
+        raise FrameError(f"expected a hello frame first, found {hello.get('t')!r}")
+    check_version(hello.get("version"))
+    node, instance, head = hello.get("node"), hello.get("instance"), hello.get("head")
+    if type(node) is not str or not ORIGIN_PATTERN.fullmatch(node):
+        raise FrameError(f"hello has an invalid node ID {node!r}")
+    if type(instance) is not str or type(head) is not int:
+        raise FrameError("hello lacks a string 'instance' or an integer 'head'")
+    if node == self_node:
+        raise FrameError(f"{peer.url} is this node itself; remove it from --peer")
+    types = hello.get("types")
+    peer.types = (
+        tuple(t for t in types if type(t) is str) if type(types) is list else ()
+    )
+    reset = peer.instance is not None and peer.instance != instance
+    if reset:
+        peer.cursor = 0
+    peer.node, peer.instance, peer.head = node, instance, head
+    return reset
+
+
+def parse_entries(
+    frame: dict[str, Any], *, after_seq: int
+) -> list[tuple[int, Command]]:
+    """Check a commands frame and return its `(seq, command)` pairs.
+
+    Sequence numbers must increase and start after `after_seq`; every record
+    must be a well-formed command. Raises `FrameError` naming the problem.
+    """
+    entries = frame.get("entries")
+    if type(entries) is not list:
+        raise FrameError("commands frame lacks a list 'entries'")
+    parsed = []
+    previous = after_seq
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 2:
+            raise FrameError("a log entry is not a [seq, record] pair")
+        seq, record = entry
+        if type(seq) is not int or seq <= previous:
+            raise FrameError(
+                f"log entry sequence {seq!r} does not follow {previous}; the peer "
+                "sent its log out of order"
+            )
+        if type(record) is not bytes:
+            raise FrameError(f"log entry {seq} is not a packed record")
+        parsed.append((seq, parse_record(seq, record)))
+        previous = seq
+    return parsed
+
+
+def parse_record(seq: int, record: bytes) -> Command:
+    """Decode and check one command record from a peer."""
+    try:
+        fields = codec.unpack(record)
+    except MalformedBody as exc:
+        raise FrameError(f"log entry {seq} does not decode: {exc.message}") from exc
+    if type(fields) is not list or len(fields) != 5:
+        raise FrameError(f"log entry {seq} is not a 5-field command record")
+    command_id, type_name, payload, stamp, origin = fields
+    if type(command_id) is not str or not ID_PATTERN.fullmatch(command_id):
+        raise FrameError(f"log entry {seq} has an invalid command ID {command_id!r}")
+    if type(type_name) is not str or not 0 < len(type_name) <= TYPE_CHARS_MAX:
+        raise FrameError(f"log entry {seq} has an invalid type {type_name!r}")
+    if type(payload) is not dict:
+        raise FrameError(f"log entry {seq} has a payload that is not a map")
+    try:
+        codec.check_value(payload, "payload")
+    except MalformedBody as exc:
+        raise FrameError(f"log entry {seq}: {exc.message}") from exc
+    if type(stamp) is not int or not 0 < stamp <= STAMP_MAX:
+        raise FrameError(f"log entry {seq} has an invalid stamp {stamp!r}")
+    if type(origin) is not str or not ORIGIN_PATTERN.fullmatch(origin):
+        raise FrameError(f"log entry {seq} has an invalid origin {origin!r}")
+    return Command(command_id, type_name, payload, stamp, origin)

@@ -101,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
             requests_in_flight_max=args.requests_max,
         ),
         token=_read_token(args),
+        advertise_url=args.advertise,
     )
     server = Server(config, load_app(args.app), args.listen)
     asyncio.run(server.serve_until_signalled())
@@ -143,6 +144,12 @@ def _add_serve(commands: Any) -> None:
         "--app",
         default=_env("APP", DEFAULT_APP),
         help=f"MODULE:ATTR of the app to serve (CMDLOG_APP, default {DEFAULT_APP})",
+    )
+    serve.add_argument(
+        "--advertise",
+        default=_env("ADVERTISE"),
+        help="URL peers use to reach this node, announced to each peer it pulls "
+        "from (CMDLOG_ADVERTISE, default http://HOST:PORT of --listen)",
     )
     serve.add_argument(
         "--token-file",

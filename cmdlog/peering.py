@@ -90,6 +90,11 @@ async def serve_stream(
     reader goes away."""
     replication.check_version(_int_arg(request, "version", default=1))
     after = _int_arg(request, "after", default=0)
+    database = node.database
+    instance = request.query.get("instance")
+    if instance and instance != database.log_instance:
+        # The cursor counts in another log; this one is read from its start.
+        after = 0
     announce = request.query.get("announce")
     if announce:
         await node.peers.learn(normalize_url(announce))
@@ -99,7 +104,6 @@ async def serve_stream(
             "retry later"
         )
 
-    database = node.database
     response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
     await response.prepare(request)
     write_timeout_s = 2 * config.heartbeat_interval_s
@@ -109,7 +113,8 @@ async def serve_stream(
         _entries, head = replication.read_log_chunk(
             database, after, entries_max=0, bytes_max=0
         )
-        await _write(response, replication.hello_frame(database, head), write_timeout_s)
+        hello = replication.hello_frame(database, head, after=after)
+        await _write(response, hello, write_timeout_s)
         cursor = after
         while not node.closing.is_set():
             wake = node.commit_signal.current()
@@ -233,6 +238,8 @@ class Puller:
             "after": str(self.peer.cursor),
             "version": str(frames.PROTOCOL_VERSION),
         }
+        if self.peer.instance:
+            query["instance"] = self.peer.instance
         if self.node.advertise_url:
             query["announce"] = self.node.advertise_url
         url = f"{self.peer.url}/replicate?{urllib.parse.urlencode(query)}"

@@ -56,9 +56,10 @@ def read_log_chunk(
     return entries, head
 
 
-def hello_frame(database: Database, head: int) -> dict[str, Any]:
+def hello_frame(database: Database, head: int, *, after: int) -> dict[str, Any]:
     return {
         "t": frames.HELLO,
+        "after": after,
         "version": frames.PROTOCOL_VERSION,
         "node": database.node_id,
         "instance": database.log_instance,
@@ -129,9 +130,15 @@ def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> b
     peer.types = (
         tuple(t for t in types if type(t) is str) if type(types) is list else ()
     )
+    after = hello.get("after")
     reset = peer.instance is not None and peer.instance != instance
     if reset:
         peer.cursor = 0
+    if after != peer.cursor:
+        raise FrameError(
+            f"the stream starts after sequence {after!r}, but this node asked for "
+            f"{peer.cursor}"
+        )
     peer.node, peer.instance, peer.head = node, instance, head
     return reset
 

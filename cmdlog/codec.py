@@ -86,9 +86,23 @@ def unpack_checked(data: bytes, field: str) -> Any:
     msgpack decodes its timestamp extension (type -1) itself instead of
     passing it to the extension hook, so only `check_value` rejects it.
     """
-    value = unpack(data)
+    try:
+        value = _unpackb(data, object_pairs_hook=_unique_keys, **_unpacker_options)
+    except MalformedBody:
+        raise
+    except Exception:
+        value = unpack(data)  # raises MalformedBody with the reason
     check_value(value, field)
     return value
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    # Decoders disagree on which of two equal keys wins, so a map with one
+    # could mean different commands to different readers.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise MalformedBody("a msgpack map has the same key twice; send each once")
+    return result
 
 
 def new_unpacker(*, buffer_bytes_max: int) -> msgpack.Unpacker:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import web, web_protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cmdlog import wire
@@ -209,7 +209,13 @@ async def read_body(request: web.Request) -> Any:
             f"body of {request.content_length} bytes is over the limit of {limit} "
             "bytes; split it into smaller requests"
         )
-    data = await request.read()
+    try:
+        data = await request.read()
+    except web_protocol.RequestPayloadError as exc:
+        raise MalformedBody(
+            f"body could not be read: {exc}; check its Content-Encoding and "
+            "Transfer-Encoding"
+        ) from exc
     fmt = wire.body_format(request.headers.get("Content-Type"))
     if not data:
         raise MalformedBody("body is empty; send a command as JSON or msgpack")

@@ -75,6 +75,17 @@ def _reject_constant(name: str) -> Any:
     raise MalformedBody(f"body contains {name}, which is not valid JSON; send a number")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which of two equal keys wins, so a body with one
+    # could mean different commands to a proxy and to this node.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise MalformedBody(f"body has the key {duplicate!r} twice in one object")
+    return result
+
+
 def _decode_json(data: bytes) -> Any:
     # The standard library parser keeps big integers exact (faster parsers
     # turn them into floats), so `check_value` can reject them by range.
@@ -85,7 +96,9 @@ def _decode_json(data: bytes) -> Any:
             f"body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON"
         ) from exc
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except ValueError as exc:  # JSONDecodeError, or an integer too long to parse
         raise MalformedBody(f"body is not valid JSON: {exc}") from exc
     except RecursionError as exc:

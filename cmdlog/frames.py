@@ -32,6 +32,12 @@ class FrameError(DataError):
     code = "bad_frame"
 
 
+class StreamTruncated(DataError):
+    """The stream ended inside a frame: a broken connection, worth a retry."""
+
+    code = "stream_truncated"
+
+
 def encode_frame(body: dict[str, Any]) -> bytes:
     data = codec.pack(body)
     return HEADER.pack(len(data), zlib.crc32(data)) + data
@@ -72,9 +78,9 @@ class FrameReader:
             yield _decode(body)
 
     def close(self) -> None:
-        """Raise `FrameError` if the stream ended inside a frame."""
+        """Raise `StreamTruncated` if the stream ended inside a frame."""
         if self._buffer:
-            raise FrameError(
+            raise StreamTruncated(
                 f"replication stream ended inside a frame ({len(self._buffer)} "
                 "bytes left over)"
             )

@@ -26,15 +26,26 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 
 
+GaugeValue = float | list[tuple[dict[str, str], float]]
+"""One value, or (labels, value) pairs for a labelled gauge."""
+
+
 class _GaugeCollector(Collector):
     """Reads current values from the node at each scrape."""
 
-    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, read: Callable[[], dict[str, tuple[str, GaugeValue]]]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, (help_text, value) in self._read().items():
-            yield GaugeMetricFamily(name, help_text, value=value)
+            if isinstance(value, list):
+                labels = sorted(value[0][0]) if value else []
+                family = GaugeMetricFamily(name, help_text, labels=labels)
+                for label_values, sample in value:
+                    family.add_metric([label_values[key] for key in labels], sample)
+                yield family
+            else:
+                yield GaugeMetricFamily(name, help_text, value=value)
 
 
 class Metrics:
@@ -65,6 +76,6 @@ class Metrics:
             "cmdlog_commits", "Durable group commits", registry=self.registry
         )
 
-    def add_gauges(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def add_gauges(self, read: Callable[[], dict[str, tuple[str, GaugeValue]]]) -> None:
         """Register a function returning `{name: (help, value)}` read at scrape time."""
         self.registry.register(_GaugeCollector(read))

@@ -35,7 +35,7 @@ from cmdlog.errors import (
     Overloaded,
     VersionMismatch,
 )
-from cmdlog.frames import FrameError, FrameReader, encode_frame
+from cmdlog.frames import FrameError, FrameReader, StreamTruncated, encode_frame
 from cmdlog.model import Command
 from cmdlog.replication import PeerState
 from cmdlog.store import Txn
@@ -275,6 +275,23 @@ class Puller:
         queue: asyncio.Queue[list[tuple[int, Command]] | None],
         ingester: asyncio.Task[None],
     ) -> None:
+        try:
+            await self._read_stream(response, reader, queue, ingester)
+        except (aiohttp.ClientPayloadError, StreamTruncated, ConnectionError):
+            # The connection broke: fold what arrived intact before retrying.
+            await _put_or_fail(queue, None, ingester)
+            await ingester
+            raise
+        await _put_or_fail(queue, None, ingester)
+        await ingester
+
+    async def _read_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        reader: FrameReader,
+        queue: asyncio.Queue[list[tuple[int, Command]] | None],
+        ingester: asyncio.Task[None],
+    ) -> None:
         hello_seen = False
         received_seq = self.peer.cursor
         async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
@@ -296,8 +313,6 @@ class Puller:
                 elif kind != frames.HEARTBEAT:
                     raise FrameError(f"unknown replication frame kind {kind!r}")
         reader.close()
-        await _put_or_fail(queue, None, ingester)
-        await ingester
 
     async def _accept_hello(self, hello: dict[str, Any]) -> None:
         reset = replication.accept_hello(self.peer, hello, self_node=self.node.node_id)

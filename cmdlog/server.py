@@ -20,7 +20,7 @@ from aiohttp import web
 from cmdlog.app import App
 from cmdlog.errors import StartupError
 from cmdlog.http_api import LIMITS, Limits, create_app
-from cmdlog.metrics import Metrics
+from cmdlog.metrics import GaugeValue, Metrics
 from cmdlog.node import Node, NodeConfig
 
 log = structlog.get_logger(__name__)
@@ -94,12 +94,34 @@ class Server:
             auth=self.config.token is not None,
         )
 
-    def _gauges(self, limits: Limits) -> dict[str, tuple[str, float]]:
+    def _gauges(self, limits: Limits) -> dict[str, tuple[str, GaugeValue]]:
         status = self.node.status()
         store = self.node.database.store
         writer = self.node.writer
         http = self.config.http
+        peers = self.node.peers.states()
         return {
+            "cmdlog_peer_cursor": (
+                "Last sequence of the peer's log stored here",
+                [({"peer": p.url}, p.cursor) for p in peers],
+            ),
+            "cmdlog_peer_lag": (
+                "Commands of the peer's log not yet stored here",
+                [({"peer": p.url}, p.lag) for p in peers],
+            ),
+            "cmdlog_peer_connected": (
+                "1 while the stream from the peer is open",
+                [({"peer": p.url}, float(p.connected)) for p in peers],
+            ),
+            "cmdlog_replication_streams": (
+                "Replication streams this node serves",
+                self.node.peers.streams,
+            ),
+            "cmdlog_replication_streams_max": (
+                "Limit of replication streams served",
+                self.config.replication.streams_max,
+            ),
+            "cmdlog_conflicts": ("Conflicting copies recorded", status.conflicts),
             "cmdlog_commands": ("Distinct command IDs stored", status.commands),
             "cmdlog_applied": ("Commands folded, rejections included", status.applied),
             "cmdlog_pending": ("Commands stored but not folded yet", status.pending),

@@ -80,8 +80,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # could mean different commands to a proxy and to this node.
     result = dict(pairs)
     if len(result) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        keys = [key for key, _ in pairs]
+        duplicate = next(key for key in keys if keys.count(key) > 1)
         raise MalformedBody(f"body has the key {duplicate!r} twice in one object")
     return result
 

@@ -1,0 +1,127 @@
+"""A real node pulling from scripted peers: skew, bad frames, versions."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from tests.cluster import get_json, post_command, status
+from tests.fake_peer import FakePeer, commands, hello
+from tests.nodes import NodeProcess
+
+Factory = Callable[..., NodeProcess]
+OPEN = ["ledger.open", {"account": "far", "currency": "EUR"}]
+
+
+async def peer_state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """Wait until the node reports its one peer with an error or a cursor."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        peers = (await status(session, url))["peers"]
+        if peers and (peers[0]["error"] or peers[0]["cursor"]):
+            result: dict[str, Any] = peers[0]
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError("the node never reported its peer")
+
+
+async def test_far_future_stamp_held(node_factory: Factory) -> None:
+    """A command stamped beyond the skew is stored pending and leaves the clock."""
+    ahead_stamp = (time.time_ns() // 1_000_000 + 3_600_000) << 16
+    record = ["far-1", *OPEN, ahead_stamp, "fa4e"]
+    peer = await FakePeer(hello(head=1) + commands([(1, record)], head=1)).start()
+    try:
+        node = node_factory(peers=(peer.url,))
+        async with aiohttp.ClientSession() as session:
+            assert (await peer_state(session, node.url))["cursor"] == 1
+            state = await status(session, node.url)
+            code, view = await get_json(session, f"{node.url}/commands/far-1")
+            _, local = await post_command(
+                session, node.url, "local", "ledger.open",
+                {"account": "near", "currency": "EUR"},
+            )  # fmt: skip
+    finally:
+        await peer.stop()
+    assert state["commands"] == 1
+    assert state["applied"] == 0
+    assert state["pending_types"] == {"ledger.open": 1}
+    assert code == 200
+    assert view["outcome"] == {
+        "status": "pending",
+        "result": None,
+        "reason": "clock_skew",
+    }
+    assert local["stamp"] < ahead_stamp
+
+
+async def test_oversized_frame_stops_puller(node_factory: Factory) -> None:
+    """A frame over the limit stops the puller with its cursor unmoved."""
+    oversized = struct.pack(">II", 512 * 1024 * 1024, 0)
+    peer = await FakePeer(hello(head=5) + oversized).start()
+    try:
+        node = node_factory(peers=(peer.url,))
+        async with aiohttp.ClientSession() as session:
+            state = await peer_state(session, node.url)
+            await asyncio.sleep(0.5)
+            requests = len(peer.requests)
+    finally:
+        await peer.stop()
+    assert "over the limit" in state["error"]
+    assert state["cursor"] == 0
+    assert requests == 1
+    assert "puller_stopped" in node.log_text()
+
+
+async def test_corrupt_frame_stops_puller(node_factory: Factory) -> None:
+    """A frame whose checksum does not match stops the puller, cursor unmoved."""
+    good = commands([(1, ["c-1", *OPEN, 1 << 16, "fa4e"])], head=1)
+    corrupt = good[:-1] + bytes([good[-1] ^ 0xFF])
+    peer = await FakePeer(hello(head=1) + corrupt).start()
+    try:
+        node = node_factory(peers=(peer.url,))
+        async with aiohttp.ClientSession() as session:
+            state = await peer_state(session, node.url)
+            commands_stored = (await status(session, node.url))["commands"]
+    finally:
+        await peer.stop()
+    assert "checksum" in state["error"]
+    assert state["cursor"] == 0
+    assert commands_stored == 0
+
+
+async def test_peer_version_refused(node_factory: Factory) -> None:
+    """A peer speaking another protocol version is refused, naming both."""
+    peer = await FakePeer(hello(head=0, version=99)).start()
+    try:
+        node = node_factory(peers=(peer.url,))
+        async with aiohttp.ClientSession() as session:
+            state = await peer_state(session, node.url)
+    finally:
+        await peer.stop()
+    assert "99" in state["error"]
+    assert "version 1" in state["error"]
+
+
+async def test_truncated_stream_retried(node_factory: Factory) -> None:
+    """A stream cut inside a frame keeps what came before and reconnects."""
+    first = commands([(1, ["t-1", *OPEN, 1 << 16, "fa4e"])], head=2)
+    second = commands([(2, ["t-2", "ledger.deposit", {"account": "far", "amount": 5},
+                            2 << 16, "fa4e"])], head=2)  # fmt: skip
+    peer = await FakePeer(hello(head=2) + first + second[:7], hold_open=False).start()
+    try:
+        node = node_factory(peers=(peer.url,))
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 10
+            while len(peer.requests) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            state = (await status(session, node.url))["peers"][0]
+    finally:
+        await peer.stop()
+    assert state["cursor"] == 1
+    assert len(peer.requests) >= 2
+    assert peer.requests[1]["after"] == "1"

@@ -108,6 +108,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from cmdlog.demo import main as demo_main
+    from cmdlog.logs import configure_logging
+
+    configure_logging("warning")
+    return demo_main()
+
+
 def _status(args: argparse.Namespace) -> int:
     from cmdlog.status_view import show_status
 
@@ -217,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(run=_replay)
 
     _add_serve(commands)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a three-node payments demo through a flaky network and report",
+        description="Start a local cluster on 127.0.0.1, drive a payments workload "
+        "through connections that drop requests and responses, add a fourth node "
+        "midway, and check that every promise held. Exits 1 if one did not.",
+    )
+    demo.set_defaults(run=_demo)
 
     status = commands.add_parser(
         "status", help="show a readable view of a node's /status"

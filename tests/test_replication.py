@@ -214,7 +214,7 @@ async def test_killed_puller_resumes_without_gap(node_factory: Factory) -> None:
         follower = node_factory("follower", peers=(source.url,))
         for _ in range(400):
             peers = (await status(session, follower.url))["peers"]
-            if peers and 0 < peers[0]["cursor"]:
+            if peers and peers[0]["cursor"] > 0:
                 break
             await asyncio.sleep(0.01)
         follower.kill()

@@ -226,15 +226,18 @@ async def run_demo(root: Path) -> bool:
                    for _ in range(WORKERS)]  # fmt: skip
         print("opening accounts ...", flush=True)
         for account in ACCOUNTS:
-            payload = {"account": account, "currency": currency(account)}
+            opening: dict[str, Any] = {
+                "account": account,
+                "currency": currency(account),
+            }
             tally.record(
-                await clients[0].submit("ledger.open", payload), "ledger.open", payload
+                await clients[0].submit("ledger.open", opening), "ledger.open", opening
             )
-            payload = {"account": account, "amount": 20_000}
+            funding: dict[str, Any] = {"account": account, "amount": 20_000}
             tally.record(
-                await clients[0].submit("ledger.deposit", payload),
+                await clients[0].submit("ledger.deposit", funding),
                 "ledger.deposit",
-                payload,
+                funding,
             )
 
         total = WORKERS * OPERATIONS_PER_WORKER
@@ -321,8 +324,8 @@ async def report(
         f"  commands stored          {states[0]['commands']} (distinct IDs, every node)"
     )
     print(f"  client operations        {tally.operations}")
-    print(f"  throughput               {tally.operations / elapsed_s:,.0f} operations/s "
-          f"over {elapsed_s:.1f} s")  # fmt: skip
+    rate = tally.operations / elapsed_s
+    print(f"  throughput               {rate:,.0f} operations/s over {elapsed_s:.1f} s")
     print(f"  requests cut by network  {sum(p.cut_requests for p in proxies)}")
     print(f"  responses lost           {sum(p.dropped_responses for p in proxies)}")
     print(f"  retries absorbed         {tally.client_retries} client retries, "

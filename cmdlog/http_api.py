@@ -16,6 +16,7 @@ writer thread serializes them anyway.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import urllib.parse
@@ -37,6 +38,7 @@ from cmdlog.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    ShuttingDown,
     Unauthorized,
     UnknownCommandType,
     ValidationError,
@@ -152,6 +154,19 @@ class Limits:
         self.config = node.config.http
         self.in_flight = 0
         self.connections: Callable[[], int] = lambda: 0
+        self.draining = False
+        """Set on shutdown: requests that start from now on get 503."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; return False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     @web.middleware
     async def middleware(
@@ -159,6 +174,10 @@ class Limits:
     ) -> web.StreamResponse:
         if request.path == "/healthz":
             return await handler(request)
+        if self.draining:
+            raise ShuttingDown(
+                "the node is shutting down; retry the request on another node"
+            )
         if self.connections() > self.config.connections_max:
             raise Overloaded(
                 f"the node has more than {self.config.connections_max} open "
@@ -170,10 +189,13 @@ class Limits:
                 "retry after a short wait or use another node"
             )
         self.in_flight += 1
+        self._idle.clear()
         try:
             return await handler(request)
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
 
 LIMITS = web.AppKey("limits", Limits)

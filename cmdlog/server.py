@@ -62,6 +62,8 @@ class Server:
         self.node = Node(config, app)
         self.metrics = Metrics()
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._limits: Limits | None = None
 
     async def start(self) -> None:
         await self.node.start()
@@ -82,6 +84,8 @@ class Server:
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         await site.start()
         self._runner = runner
+        self._site = site
+        self._limits = limits
         self.port = self._bound_port(site)
         if self.node.advertise_url is None:
             self.node.advertise_url = f"http://{self.host}:{self.port}"
@@ -168,6 +172,15 @@ class Server:
     async def stop(self) -> None:
         log.info("server_stopping", node=self.node.node_id)
         await self.node.close_streams()
+        if self._site is not None and self._limits is not None:
+            # aiohttp's own cleanup discards request bodies still arriving, so
+            # first refuse new connections and requests, then let the requests
+            # already running finish (their bodies included) before cleanup.
+            self._limits.draining = True
+            await self._site.stop()
+            drained = await self._limits.wait_idle(self.config.http.shutdown_timeout_s)
+            if not drained:
+                log.warning("requests_abandoned", in_flight=self._limits.in_flight)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.node.stop()

@@ -88,7 +88,10 @@ async def serve_stream(
 ) -> web.StreamResponse:
     """Stream the local log after `?after=SEQ` until the node stops or the
     reader goes away."""
-    replication.check_version(_int_arg(request, "version", default=1))
+    try:
+        replication.check_version(_int_arg(request, "version", default=1))
+    except VersionMismatch as exc:
+        raise InvalidArgument(exc.message) from exc
     after = _int_arg(request, "after", default=0)
     database = node.database
     instance = request.query.get("instance")

@@ -15,11 +15,11 @@ from typing import Any
 
 import structlog
 
-from cmdlog import codec
+from cmdlog import catalog, codec
 from cmdlog.app import App
 from cmdlog.config import ClockConfig, StoreConfig
 from cmdlog.engine import Accepted, Engine, IngestReport, Status, Submission
-from cmdlog.errors import KeyReused
+from cmdlog.errors import KeyReused, StartupError
 from cmdlog.hlc import HybridClock, wall_ms
 from cmdlog.model import Command, Outcome
 from cmdlog.store import Store, Txn
@@ -63,7 +63,18 @@ class Database:
         self.clock = HybridClock(
             now_ms=now_ms, last=identity["clock"], skew_ms_max=clock_config.skew_ms_max
         )
-        self.engine = Engine(app, self.clock, self.node_id, self.store.config)
+        fingerprints = catalog.app_fingerprints(app)
+        with self.store.read() as txn:
+            recorded = txn.catalog()
+        self._check_catalog(recorded, fingerprints)
+        self.engine = Engine(
+            app,
+            self.clock,
+            self.node_id,
+            self.store.config,
+            fingerprints=fingerprints,
+            catalogued=set(recorded),
+        )
 
         released = self.store.write(self.engine.release_pending)
         log.info(
@@ -72,6 +83,21 @@ class Database:
             node=self.node_id,
             released_pending=released,
         )
+
+    def _check_catalog(
+        self, recorded: dict[str, str], fingerprints: dict[str, str]
+    ) -> None:
+        for entry in catalog.compare(recorded, fingerprints):
+            if entry.state == "CHANGED":
+                self.store.close()
+                raise StartupError(catalog.changed_message(entry))
+            if entry.state == "removed":
+                self.store.close()
+                raise StartupError(
+                    f"the app has no handler for {entry.type_name}, which this "
+                    "node has applied; a handler that has run cannot be removed. "
+                    "Serve an app that still registers it"
+                )
 
     @staticmethod
     def _identity(txn: Txn) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class _Batch:
         self.log_digest = fold.digest_from_bytes(txn.meta_get("log_digest"))
         self.last_seq = txn.log_last_seq()
         self.ids: dict[str, list[Any] | None] = {}
+        self.catalogued: set[str] = set()
         self.outcomes: dict[str, Outcome] = {}
         """Outcomes set in this batch, by command ID, to answer without a read."""
 
@@ -150,11 +151,18 @@ class Engine:
         clock: HybridClock,
         node_id: str,
         config: StoreConfig | None = None,
+        *,
+        fingerprints: dict[str, str] | None = None,
+        catalogued: set[str] | None = None,
     ) -> None:
         self.app = app
         self.clock = clock
         self.node_id = node_id
         self.config = config or StoreConfig()
+        self.fingerprints = fingerprints or {}
+        """Handler fingerprint per type, recorded when a type is first folded."""
+        self.catalogued = catalogued or set()
+        """Types whose fingerprint was recorded in an earlier transaction."""
 
     # client writes
 
@@ -261,21 +269,20 @@ class Engine:
 
         existing_seq, existing_fp, existing_stamp, existing_origin = existing
         existing_key = order_key(existing_stamp, existing_origin, command.id)
-        if existing_key == key:
+        if fingerprint == existing_fp and key >= existing_key:
             report.duplicates += 1
             return
         if fingerprint != existing_fp:
             report.conflicts.append(command.id)
-        if key > existing_key:
-            if fingerprint == existing_fp:
-                report.duplicates += 1
-            else:
-                seq = batch.append(command)
-                batch.txn.conflict_put(command.id, key, seq, fingerprint)
-                log.warning("command_conflicted", command_id=command.id, kept="stored")
+        # The copy that sorts first keeps the ID. Two copies with one order key
+        # can only come from a faulty origin; the smaller fingerprint wins then,
+        # so every node still picks the same one.
+        if (key, fingerprint) > (existing_key, existing_fp):
+            seq = batch.append(command)
+            batch.txn.conflict_put(command.id, key, seq, fingerprint)
+            log.warning("command_conflicted", command_id=command.id, kept="stored")
             return
 
-        # The new copy sorts first, so it takes the ID over.
         seq = batch.append(command)
         batch.id_put(command, seq, fingerprint)
         if fingerprint != existing_fp:
@@ -448,6 +455,10 @@ class Engine:
     ) -> None:
         """Fold one command not in `folded` and record its outcome and undo."""
         command_id = entry.command.id
+        type_name = entry.command.type
+        if type_name not in self.catalogued and type_name not in batch.catalogued:
+            self._record_handler(batch.txn, type_name)
+            batch.catalogued.add(type_name)
         outcome, undo = fold.apply_command(self.app, batch.overlay, entry.command)
         batch.outcomes[command_id] = outcome
         packed = fold.pack_outcome(outcome)
@@ -455,6 +466,12 @@ class Engine:
         batch.txn.folded_put(entry.key, entry.seq, packed)
         if keep_undo:
             batch.txn.undo_put(entry.key, undo)
+
+    def _record_handler(self, txn: Txn, type_name: str) -> None:
+        fingerprint = self.fingerprints.get(type_name)
+        if fingerprint is not None and txn.catalog_get(type_name) is None:
+            txn.catalog_put(type_name, fingerprint)
+            log.info("handler_recorded", type=type_name, fingerprint=fingerprint)
 
     def _forget_outcome(self, batch: _Batch, key: bytes) -> None:
         entry = batch.txn.folded_get(key)

@@ -14,9 +14,11 @@ Named databases, each with its key and value layout:
 - `pending`: order key -> `[seq, reason]` for stored commands not folded yet.
 - `undo`: order key -> previous values of the state keys that command wrote,
   kept for the most recent folded commands only.
-- `conflicts`: command ID, NUL, order key -> `[seq, fingerprint]` of a copy
-  whose fingerprint differs from the folded one.
+- `conflicts`: command ID, NUL, order key, fingerprint -> `[seq,
+  fingerprint]` of a copy whose fingerprint differs from the folded one.
 - `peers`: peer URL -> replication cursor and identity.
+- `catalog`: command type -> fingerprint of its handler code, recorded the
+  first time the node folded a command of that type.
 - `state.DOMAIN`: one per domain, handler key -> msgpack value.
 
 Only the writer thread opens write transactions. Reads from other threads
@@ -43,7 +45,9 @@ from cmdlog.errors import DataError, StartupError, StorageFull, VersionMismatch
 log = structlog.get_logger(__name__)
 
 SEQ_BYTES = 8
-_CORE_DBS = ("meta", "log", "ids", "folded", "pending", "undo", "conflicts", "peers")
+_CORE_DBS = (
+    "meta", "log", "ids", "folded", "pending", "undo", "conflicts", "peers", "catalog"
+)  # fmt: skip
 _STATE_PREFIX = "state."
 _DBS_MAX = 64
 _EMPTY_LIST = codec.pack([])
@@ -222,7 +226,7 @@ class Txn:
         """Record a conflicting copy; return False when it was already recorded."""
         return bool(
             self.raw.put(
-                command_id.encode() + b"\x00" + key,
+                command_id.encode() + b"\x00" + key + fingerprint,
                 codec.pack([seq, fingerprint]),
                 db=self._dbs["conflicts"],
                 overwrite=False,
@@ -241,6 +245,21 @@ class Txn:
     def peers(self) -> dict[str, dict[str, Any]]:
         cursor = self.raw.cursor(db=self._dbs["peers"])
         return {key.decode(): codec.unpack(value) for key, value in cursor}
+
+    # handler catalog
+
+    def catalog_get(self, type_name: str) -> str | None:
+        data = self.raw.get(type_name.encode(), db=self._dbs["catalog"])
+        return None if data is None else str(codec.unpack(data))
+
+    def catalog_put(self, type_name: str, fingerprint: str) -> None:
+        self.raw.put(
+            type_name.encode(), codec.pack(fingerprint), db=self._dbs["catalog"]
+        )
+
+    def catalog(self) -> dict[str, str]:
+        cursor = self.raw.cursor(db=self._dbs["catalog"])
+        return {key.decode(): str(codec.unpack(value)) for key, value in cursor}
 
     # domain state
 

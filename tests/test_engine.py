@@ -30,11 +30,17 @@ ORIGINS = ["n1", "n2", "n3"]
 # with plain dictionaries, and both digests computed from scratch.
 
 
+def rank(command: Command) -> tuple[bytes, bytes]:
+    return command.order_key, codec.fingerprint(command.type, command.payload)
+
+
 def winners(copies: list[Command]) -> dict[str, Command]:
+    """Each ID's copy that sorts first; equal order keys go to the smaller
+    fingerprint."""
     best: dict[str, Command] = {}
     for command in copies:
         held = best.get(command.id)
-        if held is None or command.order_key < held.order_key:
+        if held is None or rank(command) < rank(held):
             best[command.id] = command
     return best
 

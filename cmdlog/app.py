@@ -129,6 +129,14 @@ class Domain:
 
         return register
 
+    def extended(self) -> Domain:
+        """Return a new domain with this one's types and queries, to add more to.
+
+        A later app version registers its new types on the copy, so the
+        earlier app keeps exactly the types it had.
+        """
+        return Domain(self.name, dict(self.types), dict(self.queries))
+
     def query(self, name: str) -> Callable[[QueryFunction], QueryFunction]:
         """Register the decorated function as the query `name`."""
 

@@ -8,9 +8,10 @@ refuses to start on a difference, naming the type.
 
 The fingerprint hashes the syntax tree of the type's validate and apply
 functions, so formatting, comments and docstrings do not count, together
-with every function of the same module they call (transitively) and the
-values of the plain constants they read. Code in other modules (cmdlog's
-own field checks, the standard library) is not part of it.
+with every function of the same package they call (transitively) and the
+values of the plain constants they read. Code of other packages (cmdlog's
+own field checks, the standard library) is not part of it, so upgrading
+those does not stop a node.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class CatalogEntry:
         if self.current is None:
             return "removed"
         if self.recorded is None:
-            return "unused"
+            return "new"
         return "ok" if self.recorded == self.current else "CHANGED"
 
 
@@ -67,12 +68,12 @@ def _code_parts(function: Callable[..., Any], seen: set[int]) -> Iterator[bytes]
     tree = _normalized_tree(function)
     yield ast.dump(tree, annotate_fields=False, include_attributes=False).encode()
 
-    module = getattr(function, "__module__", None)
+    package = _package(getattr(function, "__module__", None) or "")
     namespace = getattr(function, "__globals__", {})
     names = sorted({node.id for node in ast.walk(tree) if isinstance(node, ast.Name)})
     for name in names:
         value = namespace.get(name)
-        if inspect.isfunction(value) and value.__module__ == module:
+        if inspect.isfunction(value) and _package(value.__module__) == package:
             yield from _code_parts(value, seen)
         elif isinstance(value, _CONSTANT_TYPES):
             yield f"{name}={value!r}".encode()
@@ -80,6 +81,11 @@ def _code_parts(function: Callable[..., Any], seen: set[int]) -> Iterator[bytes]
             isinstance(item, _CONSTANT_TYPES) for item in value
         ):
             yield f"{name}={sorted(map(repr, value))}".encode()
+
+
+def _package(module: str) -> str:
+    """Return the package a module belongs to (the module itself at top level)."""
+    return module.rpartition(".")[0] or module
 
 
 def _normalized_tree(function: Callable[..., Any]) -> ast.AST:

@@ -116,6 +116,53 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def _handlers(args: argparse.Namespace) -> int:
+    import json
+
+    from cmdlog import catalog
+    from cmdlog.store import Store
+
+    app = load_app(args.app)
+    current = catalog.app_fingerprints(app)
+    if args.action == "lock":
+        text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+        if args.lock:
+            with open(args.lock, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        else:
+            print(text, end="")
+        return 0
+    if args.action == "check":
+        if not args.lock:
+            raise SystemExit("cmdlog handlers check needs --lock FILE")
+        with open(args.lock, encoding="utf-8") as handle:
+            locked = json.load(handle)
+        recorded = locked
+    elif args.data:
+        store = Store(args.data, list(app.domains), readonly=True)
+        with store.read() as txn:
+            recorded = txn.catalog()
+        store.close()
+    else:
+        recorded = {}
+
+    failed = False
+    for entry in catalog.compare(recorded, current):
+        print(
+            f"{entry.state:8s} {entry.type_name:32s} "
+            f"recorded={entry.recorded or '-'} current={entry.current or '-'}"
+        )
+        if entry.state in ("CHANGED", "removed"):
+            failed = True
+            if args.action == "check":
+                print(
+                    f"  {catalog.changed_message(entry)}"
+                    if entry.state == "CHANGED"
+                    else f"  {entry.type_name} was removed; keep its handler"
+                )
+    return 1 if failed else 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from cmdlog.status_view import show_status
 
@@ -234,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
         "midway, and check that every promise held. Exits 1 if one did not.",
     )
     demo.set_defaults(run=_demo)
+
+    handlers = commands.add_parser(
+        "handlers",
+        help="list handler fingerprints, or check them against a lock file",
+        description="list: each type's recorded fingerprint (from --data) next to "
+        "the app's current one. lock: write the app's fingerprints as JSON. check: "
+        "exit 1 when a type in --lock FILE changed or was removed, for an app's CI.",
+    )
+    handlers.add_argument(
+        "action", nargs="?", default="list", choices=["list", "lock", "check"]
+    )
+    handlers.add_argument("--data", help="a node's data directory, for list")
+    handlers.add_argument("--lock", help="lock file to write (lock) or compare (check)")
+    handlers.add_argument(
+        "--app",
+        default=DEFAULT_APP,
+        help=f"MODULE:ATTR of the app (default {DEFAULT_APP})",
+    )
+    handlers.set_defaults(run=_handlers)
 
     status = commands.add_parser(
         "status", help="show a readable view of a node's /status"

@@ -274,6 +274,13 @@ async def post_command(request: web.Request) -> web.Response:
         submission = prepare_submission(
             node.app, key, command["type"], command["payload"]
         )
+    except UnknownCommandType as error:
+        peer_url = _peer_serving(node, error.type_name)
+        if peer_url is None:
+            metrics.commands.labels("invalid").inc()
+            raise
+        metrics.commands.labels("redirected").inc()
+        raise web.HTTPTemporaryRedirect(peer_url + "/commands") from error
     except ClientError:
         metrics.commands.labels("invalid").inc()
         raise
@@ -284,6 +291,14 @@ async def post_command(request: web.Request) -> web.Response:
         metrics.commands.labels("key_reused").inc()
         raise result
     return _accepted_response(request, result, metrics)
+
+
+def _peer_serving(node: Node, type_name: str) -> str | None:
+    """Return the URL of a connected peer whose hello listed `type_name`."""
+    for peer in node.peers.states():
+        if peer.connected and type_name in peer.types:
+            return peer.url
+    return None
 
 
 def _accepted_response(

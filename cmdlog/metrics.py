@@ -68,7 +68,8 @@ class Metrics:
         )
         self.commands = Counter(
             "cmdlog_client_commands",
-            "Client commands by result: created, replayed, key_reused, invalid",
+            "Client commands by result: created, replayed, key_reused, invalid, "
+            "redirected",
             ["result"],
             registry=self.registry,
         )

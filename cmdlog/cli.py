@@ -68,19 +68,34 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"CMDLOG_{name} must be an integer, found {value!r}") from None
 
 
-def _read_token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
+def _read_secret(path: str | None, flag: str, env_name: str) -> str | None:
+    if path:
         try:
-            with open(args.token_file, encoding="utf-8") as handle:
-                token = handle.read().strip()
+            with open(path, encoding="utf-8") as handle:
+                secret = handle.read().strip()
         except OSError as exc:
-            raise SystemExit(
-                f"cannot read --token-file {args.token_file}: {exc}"
-            ) from exc
-        if not token:
-            raise SystemExit(f"--token-file {args.token_file} is empty")
-        return token
-    return _env("TOKEN") or None
+            raise SystemExit(f"cannot read {flag} {path}: {exc}") from exc
+        if not secret:
+            raise SystemExit(f"{flag} {path} is empty")
+        return secret
+    return _env(env_name) or None
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    return _read_secret(args.token_file, "--token-file", "TOKEN")
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    from cmdlog.auth import DEFAULT_PRINCIPAL, Credentials, read_tokens_file
+
+    principals: dict[str, str] = {}
+    if args.tokens_file:
+        principals = read_tokens_file(args.tokens_file)
+    token = _read_token(args)
+    if token:
+        principals[token] = DEFAULT_PRINCIPAL
+    peer_token = _read_secret(args.peer_token_file, "--peer-token-file", "PEER_TOKEN")
+    return Credentials(principals, peer_token)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,8 +115,11 @@ def _serve(args: argparse.Namespace) -> int:
             connections_max=args.connections_max,
             requests_in_flight_max=args.requests_max,
         ),
-        token=_read_token(args),
+        credentials=_credentials(args),
         advertise_url=args.advertise,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key or args.tls_cert,
+        tls_ca=args.tls_ca,
     )
     server = Server(config, load_app(args.app), args.listen)
     asyncio.run(server.serve_until_signalled())
@@ -166,7 +184,7 @@ def _handlers(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from cmdlog.status_view import show_status
 
-    return show_status(args.url, token=_read_token(args))
+    return show_status(args.url, token=_read_token(args), ca_file=args.tls_ca)
 
 
 def _add_serve(commands: Any) -> None:
@@ -211,6 +229,36 @@ def _add_serve(commands: Any) -> None:
         default=_env("TOKEN_FILE"),
         help="file holding the bearer token clients must send (CMDLOG_TOKEN_FILE; "
         "or the token itself in CMDLOG_TOKEN)",
+    )
+    serve.add_argument(
+        "--tokens-file",
+        default=_env("TOKENS_FILE"),
+        help="file of 'PRINCIPAL TOKEN' lines, one client per line; with several "
+        "principals each Idempotency-Key is scoped by its principal "
+        "(CMDLOG_TOKENS_FILE)",
+    )
+    serve.add_argument(
+        "--peer-token-file",
+        default=_env("PEER_TOKEN_FILE"),
+        help="file holding the token nodes send each other on /replicate "
+        "(CMDLOG_PEER_TOKEN_FILE, or CMDLOG_PEER_TOKEN; default: the client token)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        default=_env("TLS_CERT"),
+        help="PEM certificate chain; serves HTTPS when set (CMDLOG_TLS_CERT)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        default=_env("TLS_KEY"),
+        help="PEM private key of --tls-cert (CMDLOG_TLS_KEY; default: in the "
+        "certificate file)",
+    )
+    serve.add_argument(
+        "--tls-ca",
+        default=_env("TLS_CA"),
+        help="PEM CA bundle to verify https peers with (CMDLOG_TLS_CA; default: "
+        "the system store)",
     )
     serve.add_argument(
         "--body-bytes-max",
@@ -309,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         default=_env("TOKEN_FILE"),
         help="file holding the node's bearer token (or set CMDLOG_TOKEN)",
+    )
+    status.add_argument(
+        "--tls-ca", default=_env("TLS_CA"), help="PEM CA bundle for an https node"
     )
     status.set_defaults(run=_status)
     return parser

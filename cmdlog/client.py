@@ -13,6 +13,7 @@ The client shares only the command model and codec with the server.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import urllib.parse
 import uuid
@@ -25,6 +26,7 @@ import aiohttp
 import structlog
 
 from cmdlog import codec
+from cmdlog.errors import MalformedBody
 from cmdlog.model import Command, Outcome
 
 log = structlog.get_logger(__name__)
@@ -79,6 +81,19 @@ def _command_from_view(view: Mapping[str, Any]) -> tuple[Command, Outcome]:
     return command, Outcome(
         outcome["status"], outcome.get("result"), outcome.get("reason")
     )
+
+
+def _decode_body(raw: bytes, content_type: str) -> Any:
+    """Decode a response body; a body that does not decode (say, a proxy's
+    HTML error page) gives None, and the status alone decides what follows."""
+    if not raw:
+        return None
+    try:
+        if content_type == MSGPACK:
+            return codec.unpack(raw)
+        return json.loads(raw)
+    except (ValueError, MalformedBody):
+        return None
 
 
 class Client:
@@ -238,15 +253,10 @@ class Client:
                 allow_redirects=False,
             ) as response:
                 if response.status == 307 and "Location" in response.headers:
-                    url = response.headers["Location"]
+                    url = urllib.parse.urljoin(url, response.headers["Location"])
                     continue
                 raw = await response.read()
-                if response.content_type == MSGPACK:
-                    data = codec.unpack(raw)
-                elif raw:
-                    data = await response.json(content_type=None)
-                else:
-                    data = None
+                data = _decode_body(raw, response.content_type)
                 base = url.split("/", 3)
                 return response.status, data, "/".join(base[:3])
         raise RequestError(

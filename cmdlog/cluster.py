@@ -21,7 +21,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 STARTUP_TIMEOUT_S = 30.0
-_LISTENING = re.compile(rb"cmdlog listening on (http://\S+)")
+_LISTENING = re.compile(rb"cmdlog listening on (https?://\S+)")
 
 
 @dataclass

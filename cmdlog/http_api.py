@@ -17,7 +17,7 @@ writer thread serializes them anyway.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -28,6 +28,8 @@ from aiohttp import web, web_protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cmdlog import wire
+from cmdlog.app import NATURAL_ID_SEPARATOR
+from cmdlog.auth import Credentials, scope_key
 from cmdlog.engine import Accepted, prepare_submission
 from cmdlog.errors import (
     ClientError,
@@ -55,6 +57,7 @@ NODE = web.AppKey("node", Node)
 METRICS = web.AppKey("metrics", Metrics)
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 COMMAND_FIELDS = ("type", "payload")
+NATURAL_ID = re.compile(rf"[^/]+{NATURAL_ID_SEPARATOR}[0-9a-f]{{32}}")
 BATCH_ITEM_FIELDS = ("id", "type", "payload")
 
 
@@ -201,23 +204,36 @@ class Limits:
 LIMITS = web.AppKey("limits", Limits)
 
 
-def make_auth(token: str | None) -> Callable[..., Any]:
-    expected = f"Bearer {token}".encode() if token else None
-
+def make_auth(credentials: Credentials) -> Callable[..., Any]:
     @web.middleware
     async def authenticate(
         request: web.Request, handler: Handler
     ) -> web.StreamResponse:
-        if expected is not None and request.path not in UNAUTHENTICATED_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+        if not credentials.enabled or request.path in UNAUTHENTICATED_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        if request.path == "/replicate":
+            if not credentials.is_peer(header):
+                raise Unauthorized(
+                    "missing or wrong peer token on /replicate; a node sends the "
+                    "cluster's peer token as 'Authorization: Bearer <token>'"
+                )
+        elif credentials.principals:
+            principal = credentials.principal(header)
+            if principal is None:
                 raise Unauthorized(
                     "missing or wrong bearer token; send the header "
-                    "'Authorization: Bearer <token>' with the node's token"
+                    "'Authorization: Bearer <token>' with your token"
                 )
+            request["principal"] = principal
         return await handler(request)
 
     return authenticate
+
+
+def _scoped(request: web.Request, key: str) -> str:
+    credentials = request.app[NODE].config.credentials
+    return scope_key(key, request.get("principal"), credentials)
 
 
 # handlers
@@ -267,7 +283,7 @@ async def post_command(request: web.Request) -> web.Response:
     node = request.app[NODE]
     metrics = request.app[METRICS]
     body = await read_body(request)
-    key = parse_key(request.headers.get("Idempotency-Key"))
+    key = _scoped(request, parse_key(request.headers.get("Idempotency-Key")))
     request["command_id"] = key
     command = _require_map(body, "body", COMMAND_FIELDS)
     try:
@@ -342,7 +358,7 @@ async def post_batch(request: web.Request) -> web.Response:
             raw_id = item.get("id")
             if raw_id is not None and type(raw_id) is not str:
                 raise InvalidKey(f"batch item {index}: id must be a string")
-            key = parse_key(raw_id, field=f"batch item {index} id")
+            key = _scoped(request, parse_key(raw_id, field=f"batch item {index} id"))
             submissions.append(
                 prepare_submission(node.app, key, item["type"], item["payload"])
             )
@@ -374,11 +390,15 @@ async def post_batch(request: web.Request) -> web.Response:
 
 
 async def get_command(request: web.Request) -> web.Response:
-    command_id = request.match_info["id"]
+    requested = request.match_info["id"]
+    command_id = _scoped(request, requested)
     request["command_id"] = command_id
     viewed = request.app[NODE].view(command_id)
+    if viewed is None and command_id != requested and NATURAL_ID.fullmatch(requested):
+        # IDs derived from a natural key are shared by every principal.
+        viewed = request.app[NODE].view(requested)
     if viewed is None:
-        raise NotFound(f"no command with ID {command_id!r} is stored on this node")
+        raise NotFound(f"no command with ID {requested!r} is stored on this node")
     return respond(request, command_view(*viewed))
 
 
@@ -431,7 +451,11 @@ def create_app(node: Node, metrics: Metrics | None = None) -> web.Application:
     metrics = metrics or Metrics()
     limits = Limits(node)
     app = web.Application(
-        middlewares=[handle_errors, limits.middleware, make_auth(node.config.token)],
+        middlewares=[
+            handle_errors,
+            limits.middleware,
+            make_auth(node.config.credentials),
+        ],
         client_max_size=node.config.http.body_bytes_max,
     )
     app[NODE] = node

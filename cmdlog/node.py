@@ -8,6 +8,7 @@ every moving part of a running server.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from cmdlog.app import App
+from cmdlog.auth import Credentials
 from cmdlog.config import (
     ClockConfig,
     HttpConfig,
@@ -45,7 +47,11 @@ class NodeConfig:
     clock: ClockConfig = field(default_factory=ClockConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
-    token: str | None = None
+    credentials: Credentials = field(default_factory=Credentials)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    """CA bundle to verify peers' certificates with (https peer URLs)."""
     advertise_url: str | None = None
     """URL peers should use to reach this node; announced to every peer pulled
     from, so it starts pulling back."""
@@ -75,10 +81,15 @@ class Node:
         return self.database.node_id
 
     def peer_headers(self) -> dict[str, str]:
-        """Headers a puller sends to a peer: the cluster token, when set."""
-        if self.config.token:
-            return {"Authorization": f"Bearer {self.config.token}"}
-        return {}
+        """Headers a puller sends to a peer: the peer token, when there is one."""
+        token = self.config.credentials.outgoing_peer_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The TLS context pullers use for https peers, trusting `tls_ca`."""
+        if self.config.tls_ca is None:
+            return None
+        return ssl.create_default_context(cafile=self.config.tls_ca)
 
     async def start(self) -> None:
         signal = CommitSignal()

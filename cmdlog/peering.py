@@ -207,7 +207,10 @@ class Puller:
             connect=self.config.connect_timeout_s,
             sock_read=self.config.read_idle_timeout_s,
         )
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(ssl=self.node.client_ssl() or True)
+        async with aiohttp.ClientSession(
+            timeout=timeout, connector=connector
+        ) as session:
             while True:
                 try:
                     received = await self._pull(session)

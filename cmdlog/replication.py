@@ -27,7 +27,7 @@ from cmdlog.model import KEY_CHARS_MAX, Command
 
 TYPE_CHARS_MAX = 255
 ORIGIN_PATTERN = re.compile(r"[0-9a-f]{1,64}")
-ID_CHARS_MAX = KEY_CHARS_MAX + 64
+ID_CHARS_MAX = KEY_CHARS_MAX + 65
 """Longest command ID from a peer: a key with a principal prefix."""
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{ID_CHARS_MAX}}}")
 STAMP_MAX = 2**63 - 1

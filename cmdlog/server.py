@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import signal
 import socket
+import ssl
 
 import structlog
 from aiohttp import web
@@ -53,11 +54,13 @@ class Server:
 
     def __init__(self, config: NodeConfig, app: App, listen: str) -> None:
         self.host, self.port = parse_listen(listen)
-        if not is_loopback(self.host) and not config.token:
+        if not is_loopback(self.host) and not config.credentials.principals:
             raise StartupError(
                 f"listening on {self.host}, which is not a loopback address, needs "
-                "a token; pass --token-file FILE or set CMDLOG_TOKEN"
+                "a token; pass --token-file FILE, --tokens-file FILE or set "
+                "CMDLOG_TOKEN"
             )
+        self.scheme = "https" if config.tls_cert else "http"
         self.config = config
         self.node = Node(config, app)
         self.metrics = Metrics()
@@ -81,22 +84,43 @@ class Server:
         limits.connections = lambda: len(server.connections)
         self.node.writer.on_commit.append(self.metrics.commits.inc)
         self.metrics.add_gauges(lambda: self._gauges(limits))
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            self.host,
+            self.port,
+            reuse_address=True,
+            ssl_context=self._server_ssl(),
+        )
         await site.start()
         self._runner = runner
         self._site = site
         self._limits = limits
         self.port = self._bound_port(site)
         if self.node.advertise_url is None:
-            self.node.advertise_url = f"http://{self.host}:{self.port}"
+            self.node.advertise_url = f"{self.scheme}://{self.host}:{self.port}"
         await self.node.start_peers()
         log.info(
             "server_started",
             node=self.node.node_id,
             host=self.host,
             port=self.port,
-            auth=self.config.token is not None,
+            auth=self.config.credentials.enabled,
+            principals=len(set(self.config.credentials.principals.values())),
+            tls=self.scheme == "https",
         )
+
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(
+                f"cannot load the TLS certificate {self.config.tls_cert} and key "
+                f"{self.config.tls_key}: {exc}"
+            ) from exc
+        return context
 
     def _gauges(self, limits: Limits) -> dict[str, tuple[str, GaugeValue]]:
         status = self.node.status()
@@ -192,7 +216,9 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await self.start()
-        print(f"cmdlog listening on http://{self.host}:{self.port}", flush=True)
+        print(
+            f"cmdlog listening on {self.scheme}://{self.host}:{self.port}", flush=True
+        )
         await stop.wait()
         log.info("shutdown_signalled")
         await self.stop()

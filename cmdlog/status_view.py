@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 from typing import Any
 
 import aiohttp
 
 
-async def fetch_status(url: str, token: str | None) -> dict[str, Any]:
+async def fetch_status(
+    url: str, token: str | None, ca_file: str | None = None
+) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=10)
+    tls = ssl.create_default_context(cafile=ca_file) if ca_file else True
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
+        aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(ssl=tls)
+        ) as session,
         session.get(url.rstrip("/") + "/status", headers=headers) as response,
     ):
         body: dict[str, Any] = await response.json()
@@ -45,9 +51,9 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def show_status(url: str, *, token: str | None) -> int:
+def show_status(url: str, *, token: str | None, ca_file: str | None = None) -> int:
     try:
-        status = asyncio.run(fetch_status(url, token))
+        status = asyncio.run(fetch_status(url, token, ca_file))
     except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
         print(f"cmdlog status: cannot read {url}/status: {exc}", file=sys.stderr)
         return 1

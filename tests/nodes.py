@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO
 
 STARTUP_TIMEOUT_S = 20.0
-_LISTENING = re.compile(r"cmdlog listening on (http://\S+)")
+_LISTENING = re.compile(r"cmdlog listening on (https?://\S+)")
 
 
 class NodeProcess:

@@ -77,12 +77,12 @@ async def test_natural_key_shared_across_principals(
 ) -> None:
     """A charge's reference names one transaction whoever sends it."""
     node = node_factory(extra_args=("--tokens-file", str(tokens_file(tmp_path))))
-    charge = {"type": "ledger.charge",
-              "payload": {"account": "acc", "amount": 5, "reference": "r-1"}}  # fmt: skip
+    payload = {"account": "acc", "amount": 5, "reference": "r-1"}
+    charge = {"type": "ledger.charge", "payload": payload}
+    fund = {"type": "ledger.deposit", "payload": {"account": "acc", "amount": 50}}
     async with aiohttp.ClientSession() as session:
         await post(session, node.url, ALICE, "open", OPEN)
-        await post(session, node.url, ALICE, "fund", {
-            "type": "ledger.deposit", "payload": {"account": "acc", "amount": 50}})  # fmt: skip
+        await post(session, node.url, ALICE, "fund", fund)
         first = await post(session, node.url, ALICE, "c-a", charge)
         second = await post(session, node.url, BOB, "c-b", charge)
     assert first[0] == 201

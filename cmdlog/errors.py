@@ -144,6 +144,12 @@ class StorageFull(Unavailable):
     status = 507
 
 
+class StorageFailed(Unavailable):
+    """A write to the store failed for a reason other than a full disk."""
+
+    code = "storage_failed"
+
+
 class DataError(CmdlogError):
     """Bytes from disk or from a peer are not what cmdlog writes."""
 

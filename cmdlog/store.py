@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +41,13 @@ import structlog
 
 from cmdlog import codec
 from cmdlog.config import FORMAT_VERSION, StoreConfig
-from cmdlog.errors import DataError, StartupError, StorageFull, VersionMismatch
+from cmdlog.errors import (
+    DataError,
+    StartupError,
+    StorageFailed,
+    StorageFull,
+    VersionMismatch,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +57,8 @@ _CORE_DBS = (
 )  # fmt: skip
 _STATE_PREFIX = "state."
 _DBS_MAX = 64
+DISK_FREE_BYTES_MIN = 16 * 1024 * 1024
+"""Below this much free space, a failed write is reported as a full disk."""
 _EMPTY_LIST = codec.pack([])
 T = TypeVar("T")
 
@@ -324,7 +333,6 @@ class Store:
                 metasync=self.config.durable,
                 readonly=readonly,
                 lock=True,
-                writemap=True,
             )
         except lmdb.Error as exc:
             raise StartupError(f"cannot open the store at {self.path}: {exc}") from exc
@@ -391,22 +399,29 @@ class Store:
                         return work(Txn(self, raw))
                 except lmdb.MapFullError:
                     self._grow(reason="map_full")
-                except lmdb.DiskError as exc:
-                    raise StorageFull(
-                        f"the disk under {self.path} is full ({exc}); free space "
-                        "and retry"
-                    ) from exc
-                except OSError as exc:
-                    if exc.errno == 28:  # ENOSPC
-                        raise StorageFull(
-                            f"the disk under {self.path} is full; free space and retry"
-                        ) from exc
-                    raise
+                except (lmdb.Error, OSError) as exc:
+                    raise self._storage_error(exc) from exc
             raise StorageFull(
                 f"the LMDB map at {self.path} is full after "
                 f"{self.config.map_grow_attempts_max} growths; raise "
                 "map_bytes_initial or free disk space"
             )
+
+    def _storage_error(self, exc: BaseException) -> StorageFull | StorageFailed:
+        # LMDB reports a write cut short by a full disk as EIO, not ENOSPC, so
+        # the free space decides which condition it was.
+        free_bytes = shutil.disk_usage(self.path).free
+        if "No space" in str(exc) or free_bytes < DISK_FREE_BYTES_MIN:
+            log.error("disk_full", path=str(self.path), free_bytes=free_bytes)
+            return StorageFull(
+                f"the disk under {self.path} is full ({free_bytes} bytes free; the "
+                f"write failed with: {exc}); free space and retry"
+            )
+        log.error("write_failed", path=str(self.path), error=str(exc))
+        return StorageFailed(
+            f"writing to the store at {self.path} failed: {exc}; nothing of this "
+            "write was stored, so it may be retried"
+        )
 
     def used_bytes(self) -> int:
         info = self.env.info()

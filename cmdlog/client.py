@@ -31,6 +31,8 @@ from cmdlog.model import Command, Outcome
 
 log = structlog.get_logger(__name__)
 
+RETRY_AFTER_S_MAX = 30.0
+"""Longest wait a server's Retry-After can impose on one retry."""
 RETRY_STATUSES = frozenset({409, 429})
 """4xx statuses worth a retry; every 5xx is retried too."""
 MSGPACK = "application/msgpack"
@@ -83,6 +85,16 @@ def _command_from_view(view: Mapping[str, Any]) -> tuple[Command, Outcome]:
     )
 
 
+def _seconds(value: str | None) -> float | None:
+    """Parse a Retry-After header given in seconds (the form cmdlog sends)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
 def _decode_body(raw: bytes, content_type: str) -> Any:
     """Decode a response body; a body that does not decode (say, a proxy's
     HTML error page) gives None, and the status alone decides what follows."""
@@ -125,6 +137,7 @@ class Client:
         self._session = session
         self._owns_session = session is None
         self._next = random.randrange(len(self.urls))
+        self._retry_after_s: float | None = None
         self.retries = 0
         """Attempts that failed and were retried, over the client's lifetime."""
 
@@ -210,6 +223,7 @@ class Client:
         backoff_s = self.backoff_initial_s
         last_error = "no attempt made"
         for attempt in range(self.attempts_max):
+            wait_s = backoff_s * random.uniform(0.5, 1.0)
             url = node_url if node_url and attempt == 0 else self._pick()
             try:
                 status, data, final_url = await self._send(
@@ -226,9 +240,12 @@ class Client:
                 if status < 500 and status not in RETRY_STATUSES:
                     raise RequestError(status, code, message)
                 last_error = f"{url}: {status} {code}: {message}"
+                retry_after_s = self._retry_after_s
+                if retry_after_s is not None:
+                    wait_s = max(wait_s, min(retry_after_s, RETRY_AFTER_S_MAX))
             self.retries += 1
             log.debug("request_retried", attempt=attempt + 1, error=last_error)
-            await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
+            await asyncio.sleep(wait_s)
             backoff_s = min(backoff_s * 2, self.backoff_max_s)
         raise Unreachable(f"{self.attempts_max} attempts failed; last: {last_error}")
 
@@ -243,6 +260,7 @@ class Client:
     ) -> tuple[int, Any, str]:
         """Send one request, following up to `redirects_max` 307 redirects
         with the same method, body and key."""
+        self._retry_after_s = None
         for _hop in range(self.redirects_max + 1):
             async with session.request(
                 method,
@@ -253,8 +271,11 @@ class Client:
                 allow_redirects=False,
             ) as response:
                 if response.status == 307 and "Location" in response.headers:
-                    url = urllib.parse.urljoin(url, response.headers["Location"])
+                    target = urllib.parse.urljoin(url, response.headers["Location"])
+                    headers = self._redirect_headers(url, target, headers)
+                    url = target
                     continue
+                self._retry_after_s = _seconds(response.headers.get("Retry-After"))
                 raw = await response.read()
                 data = _decode_body(raw, response.content_type)
                 base = url.split("/", 3)
@@ -262,6 +283,24 @@ class Client:
         raise RequestError(
             307, "too_many_redirects", f"more than {self.redirects_max} redirects"
         )
+
+    def _redirect_headers(
+        self, source: str, target: str, headers: Mapping[str, str]
+    ) -> Mapping[str, str]:
+        """Keep the token only for a redirect to one of the client's own nodes,
+        and never from https down to http."""
+        source_scheme = urllib.parse.urlsplit(source).scheme
+        target_parts = urllib.parse.urlsplit(target)
+        if source_scheme == "https" and target_parts.scheme != "https":
+            raise RequestError(
+                307, "insecure_redirect", f"refusing to follow https to {target}"
+            )
+        origin = f"{target_parts.scheme}://{target_parts.netloc}"
+        if origin in self.urls:
+            return headers
+        return {
+            name: value for name, value in headers.items() if name != "Authorization"
+        }
 
     def _pick(self) -> str:
         url = self.urls[self._next % len(self.urls)]

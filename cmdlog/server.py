@@ -61,6 +61,12 @@ class Server:
                 "CMDLOG_TOKEN"
             )
         self.scheme = "https" if config.tls_cert else "http"
+        if self.host in ("0.0.0.0", "::", "") and not config.advertise_url:
+            raise StartupError(
+                f"listening on {self.host} (every interface) needs --advertise URL, "
+                "the address peers should use to reach this node; otherwise peers "
+                f"would be told to pull from {self.host}"
+            )
         self.config = config
         self.node = Node(config, app)
         self.metrics = Metrics()

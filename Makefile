@@ -30,6 +30,6 @@ test-quick: $(BIN)/cmdlog unicode-data
 	$(BIN)/pytest -q
 
 lint: $(BIN)/cmdlog
-	$(BIN)/ruff format --check cmdlog tests bench
-	$(BIN)/ruff check cmdlog tests bench
+	$(BIN)/ruff format --check cmdlog tests $(wildcard bench)
+	$(BIN)/ruff check cmdlog tests $(wildcard bench)
 	$(BIN)/mypy

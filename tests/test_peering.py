@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.cluster import get_json, post_command, status
 from tests.fake_peer import FakePeer, commands, hello
@@ -125,3 +126,47 @@ async def test_truncated_stream_retried(node_factory: Factory) -> None:
     assert state["cursor"] == 1
     assert len(peer.requests) >= 2
     assert peer.requests[1]["after"] == "1"
+
+
+@pytest.mark.slow
+async def test_silent_peer_reconnected(node_factory: Factory) -> None:
+    """A peer that stops sending, heartbeats included, is dropped and redialled."""
+    peer = await FakePeer(hello(head=0)).start()
+    try:
+        node = node_factory(peers=(peer.url,))
+        started = time.monotonic()
+        while len(peer.requests) < 2 and time.monotonic() - started < 20:
+            await asyncio.sleep(0.1)
+        redialled_after_s = time.monotonic() - started
+    finally:
+        await peer.stop()
+    assert len(peer.requests) >= 2
+    assert redialled_after_s < 5.0 + 5.0 + 2.0
+    assert "peer_disconnected" in node.log_text()
+
+
+@pytest.mark.slow
+async def test_sigterm_with_open_streams(node_factory: Factory) -> None:
+    """SIGTERM of a node serving and pulling streams exits 0 within seconds and
+    loses nothing."""
+    first = node_factory("first")
+    second = node_factory("second", peers=(first.url,))
+    async with aiohttp.ClientSession() as session:
+        for i in range(50):
+            await post_command(session, first.url, f"k{i}", "ledger.open",
+                               {"account": f"a{i}", "currency": "EUR"})  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = [await status(session, url) for url in (first.url, second.url)]
+            if states[1]["commands"] == 50 and states[0]["peers"]:
+                break
+            await asyncio.sleep(0.1)
+    stopping = time.monotonic()
+    code = first.terminate(timeout_s=10)
+    stop_s = time.monotonic() - stopping
+    first.start()
+    async with aiohttp.ClientSession() as session:
+        after = await status(session, first.url)
+    assert code == 0
+    assert stop_s < 3.0
+    assert after["commands"] == 50

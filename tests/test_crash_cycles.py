@@ -48,7 +48,7 @@ async def writer(
             ) as response:
                 if response.status == 201:
                     acknowledged.append(key)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return
 
 

@@ -73,7 +73,9 @@ def _bearer(authorization: str | None) -> bytes:
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
         return b""
-    return token.strip().encode()
+    # Header bytes that are not UTF-8 arrive as surrogate escapes; they can
+    # only fail the comparison, never raise.
+    return token.strip().encode("utf-8", "surrogateescape")
 
 
 def scope_key(key: str, principal: str | None, credentials: Credentials) -> str:

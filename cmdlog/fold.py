@@ -27,6 +27,9 @@ _blake2b = hashlib.blake2b
 StateKey = tuple[str, bytes]
 UndoEntry = list[Any]  # [domain, key, previous value or None]
 
+STATE_KEY_BYTES_MAX = 480
+"""Longest state key a handler may write (LMDB's limit is 511 bytes)."""
+
 HANDLER_FAILED = "handler_failed"
 """Reason given when a handler raises instead of returning or rejecting. It
 happens only for payloads that skipped validation (from a faulty peer) or
@@ -129,10 +132,23 @@ class _HandlerState:
         return None if data is None else codec.unpack(data)
 
     def put(self, key: str, value: Any) -> None:
-        self.writes[key.encode()] = codec.pack(value)
+        self.writes[_state_key(key)] = codec.pack(value)
 
     def delete(self, key: str) -> None:
-        self.writes[key.encode()] = None
+        self.writes[_state_key(key)] = None
+
+
+def _state_key(key: str) -> bytes:
+    raw = key.encode()
+    if not 0 < len(raw) <= STATE_KEY_BYTES_MAX:
+        # A handler fed a payload that skipped validation (from a faulty peer)
+        # could build any key; this rejects the command instead of failing
+        # the whole commit on LMDB's key limit.
+        raise ValueError(
+            f"state key of {len(raw)} bytes; keys must have 1 to "
+            f"{STATE_KEY_BYTES_MAX} bytes"
+        )
+    return raw
 
 
 def apply_command(
@@ -150,7 +166,14 @@ def apply_command(
         result = command_type.apply(state, command)
     except Rejected as rejection:
         return Outcome(REJECTED, rejection.detail, rejection.reason), []
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+    ) as exc:
         return Outcome(REJECTED, str(exc), HANDLER_FAILED), []
 
     undo: list[UndoEntry] = []

@@ -122,6 +122,8 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         http_error.status = exc.status
         http_error.code = exc.reason.lower().replace(" ", "_")
         response = respond_error(request, http_error)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception as exc:
         log.error("request_crashed", path=request.path, exc_info=exc)
         internal = CmdlogError("internal error; retry the request with the same key")

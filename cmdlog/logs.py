@@ -1,8 +1,9 @@
 """Logging setup: structlog events, JSON when not on a terminal.
 
-aiohttp and the standard library log through `logging`; their records go
-through the same processors, so one stream carries every event in one
-format.
+cmdlog's own events are rendered by structlog and written straight to
+stderr. aiohttp and the standard library log through `logging`; their
+records go through the same renderer, so one stream carries every event in
+one format.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 
 _LEVELS = {
@@ -18,6 +20,10 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+def _dumps(value: object, **_options: object) -> str:
+    return orjson.dumps(value, default=repr).decode()
 
 
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
@@ -31,17 +37,22 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    # cmdlog's own events skip the standard library's logging machinery, which
+    # costs several times more per line; a request log line is on the hot path.
     structlog.configure(
         processors=[
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

@@ -35,7 +35,7 @@ from cmdlog.errors import (
     Overloaded,
     VersionMismatch,
 )
-from cmdlog.frames import FrameError, FrameReader, StreamTruncated, encode_frame
+from cmdlog.frames import FrameError, FrameReader, encode_frame
 from cmdlog.model import Command
 from cmdlog.replication import PeerState
 from cmdlog.store import Txn
@@ -71,8 +71,13 @@ class CommitSignal:
 
 def normalize_url(url: str) -> str:
     """Return a peer URL without trailing slash; raise InvalidArgument if unusable."""
-    parsed = urllib.parse.urlsplit(url.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        parsed = urllib.parse.urlsplit(url.strip())
+        hostname = parsed.hostname
+        parsed.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise InvalidArgument(f"peer URL {url!r} is malformed: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not hostname:
         raise InvalidArgument(
             f"peer URL {url!r} is not an http:// or https:// URL with a host"
         )
@@ -174,7 +179,7 @@ def _int_arg(request: web.Request, name: str, *, default: int) -> int:
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
         raise InvalidArgument(
             f"?{name}= must be a non-negative integer, found {text!r}"
         )
@@ -283,8 +288,9 @@ class Puller:
     ) -> None:
         try:
             await self._read_stream(response, reader, queue, ingester)
-        except (aiohttp.ClientPayloadError, StreamTruncated, ConnectionError):
-            # The connection broke: fold what arrived intact before retrying.
+        except (aiohttp.ClientPayloadError, DataError, ConnectionError):
+            # The connection broke or a frame is bad: fold the frames that
+            # arrived intact before it, then retry or stop.
             await _put_or_fail(queue, None, ingester)
             await ingester
             raise

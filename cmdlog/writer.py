@@ -145,8 +145,12 @@ class Writer:
             self.commands_committed += sum(job.size for job in jobs)
             for callback in self.on_commit:
                 callback()
+        # One wake-up per event loop for the whole group, not one per job.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         for job in jobs:
-            job.loop.call_soon_threadsafe(_resolve, job)
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, group in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, group)
 
     def _release_pending(self) -> None:
         try:
@@ -158,10 +162,11 @@ class Writer:
             log.error("pending_release_failed", error=str(exc), exc_info=exc)
 
 
-def _resolve(job: _Job) -> None:
-    if job.future.done():
-        return
-    if job.error is not None:
-        job.future.set_exception(job.error)
-    else:
-        job.future.set_result(job.result)
+def _resolve_all(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.result)

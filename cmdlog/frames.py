@@ -62,8 +62,8 @@ class FrameReader:
             if length > self.frame_bytes_max:
                 raise FrameError(
                     f"replication frame of {length} bytes is over the limit of "
-                    f"{self.frame_bytes_max}; raise --body-bytes-max on this node "
-                    "to at least the peer's"
+                    f"{self.frame_bytes_max}; the peer allows larger commands "
+                    "than this node, so give every node the same --body-bytes-max"
                 )
             end = HEADER.size + length
             if len(self._buffer) < end:

@@ -8,6 +8,7 @@ every moving part of a running server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,14 @@ class Node:
         self.conflicts_seen = 0
         self.closing = asyncio.Event()
         self.commit_signal: CommitSignal | None = None
-        self.peers = Peers(self, config.replication)
+        # A frame must hold at least one command of the largest allowed size.
+        replication = config.replication
+        frame_bytes_min = 2 * config.http.body_bytes_max + 64 * 1024
+        if replication.frame_bytes_max < frame_bytes_min:
+            replication = dataclasses.replace(
+                replication, frame_bytes_max=frame_bytes_min
+            )
+        self.peers = Peers(self, replication)
 
     @property
     def node_id(self) -> str:

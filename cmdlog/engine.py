@@ -272,6 +272,11 @@ class Engine:
         if fingerprint == existing_fp and key >= existing_key:
             report.duplicates += 1
             return
+        if batch.txn.superseded_has(command.id, key, fingerprint):
+            # This copy lost before and was forwarded then; storing it again
+            # would send it round the cluster forever.
+            report.duplicates += 1
+            return
         if fingerprint != existing_fp:
             report.conflicts.append(command.id)
         # The copy that sorts first keeps the ID. Two copies with one order key
@@ -280,11 +285,13 @@ class Engine:
         if (key, fingerprint) > (existing_key, existing_fp):
             seq = batch.append(command)
             batch.txn.conflict_put(command.id, key, seq, fingerprint)
+            batch.txn.superseded_put(command.id, key, fingerprint)
             log.warning("command_conflicted", command_id=command.id, kept="stored")
             return
 
         seq = batch.append(command)
         batch.id_put(command, seq, fingerprint)
+        batch.txn.superseded_put(command.id, existing_key, existing_fp)
         if fingerprint != existing_fp:
             batch.txn.conflict_put(command.id, existing_key, existing_seq, existing_fp)
             batch.log_digest += fold.log_item_hash(command.id, fingerprint)

@@ -16,6 +16,9 @@ Named databases, each with its key and value layout:
   kept for the most recent folded commands only.
 - `conflicts`: command ID, NUL, order key, fingerprint -> `[seq,
   fingerprint]` of a copy whose fingerprint differs from the folded one.
+- `superseded`: command ID, NUL, order key, fingerprint -> empty, for every
+  copy of an ID that lost to another copy, so a copy that comes round again
+  is recognised and not stored or forwarded twice.
 - `peers`: peer URL -> replication cursor and identity.
 - `catalog`: command type -> fingerprint of its handler code, recorded the
   first time the node folded a command of that type.
@@ -53,7 +56,8 @@ log = structlog.get_logger(__name__)
 
 SEQ_BYTES = 8
 _CORE_DBS = (
-    "meta", "log", "ids", "folded", "pending", "undo", "conflicts", "peers", "catalog"
+    "meta", "log", "ids", "folded", "pending", "undo", "conflicts", "superseded",
+    "peers", "catalog",
 )  # fmt: skip
 _STATE_PREFIX = "state."
 _DBS_MAX = 64
@@ -241,6 +245,14 @@ class Txn:
                 overwrite=False,
             )
         )
+
+    def superseded_put(self, command_id: str, key: bytes, fingerprint: bytes) -> None:
+        copy = command_id.encode() + b"\x00" + key + fingerprint
+        self.raw.put(copy, b"", db=self._dbs["superseded"])
+
+    def superseded_has(self, command_id: str, key: bytes, fingerprint: bytes) -> bool:
+        copy = command_id.encode() + b"\x00" + key + fingerprint
+        return self.raw.get(copy, db=self._dbs["superseded"]) is not None
 
     # peers
 

@@ -1,0 +1,1 @@
+"""Peer services that the HTTP benchmark runs next to cmdlog under the same load."""

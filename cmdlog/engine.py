@@ -532,13 +532,17 @@ class Engine:
         )
 
 
-def prepare_submission(app: App, key: str, type_name: Any, payload: Any) -> Submission:
+def prepare_submission(
+    app: App, key: str, type_name: Any, payload: Any, *, payload_checked: bool = False
+) -> Submission:
     """Validate a client's command and return it ready for the writer.
 
     `key` is the already-checked Idempotency-Key. Raises `MalformedBody` for
     a type or payload of the wrong shape, `UnknownCommandType`, and the
     type's own `ValidationError`. The command ID is the key, unless the
     payload carries the type's natural key, which then names the command.
+    `payload_checked` skips `codec.check_value` for a payload that was
+    checked as part of its request body already.
     """
     if type(type_name) is not str or not type_name:
         raise MalformedBody(
@@ -551,7 +555,8 @@ def prepare_submission(app: App, key: str, type_name: Any, payload: Any) -> Subm
         raise MalformedBody(
             f"field 'payload' must be a map, found {type(payload).__name__}"
         )
-    codec.check_value(payload, "payload")
+    if not payload_checked:
+        codec.check_value(payload, "payload")
     command_type = app.types.get(type_name)
     if command_type is None:
         raise UnknownCommandType(type_name, app.type_names())

@@ -289,8 +289,9 @@ async def post_command(request: web.Request) -> web.Response:
     request["command_id"] = key
     command = _require_map(body, "body", COMMAND_FIELDS)
     try:
+        # read_body checked the whole body with codec.check_value already.
         submission = prepare_submission(
-            node.app, key, command["type"], command["payload"]
+            node.app, key, command["type"], command["payload"], payload_checked=True
         )
     except UnknownCommandType as error:
         peer_url = _peer_serving(node, error.type_name)
@@ -362,7 +363,13 @@ async def post_batch(request: web.Request) -> web.Response:
                 raise InvalidKey(f"batch item {index}: id must be a string")
             key = _scoped(request, parse_key(raw_id, field=f"batch item {index} id"))
             submissions.append(
-                prepare_submission(node.app, key, item["type"], item["payload"])
+                prepare_submission(
+                    node.app,
+                    key,
+                    item["type"],
+                    item["payload"],
+                    payload_checked=True,
+                )
             )
             results.append(None)
         except ClientError as error:

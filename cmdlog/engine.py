@@ -140,6 +140,8 @@ class _Batch:
         self.txn.meta_put("state_digest", fold.digest_to_bytes(self.state_digest))
         self.txn.meta_put("log_digest", fold.digest_to_bytes(self.log_digest))
         self.txn.meta_put("clock", clock.last)
+        # Replay judges clock-skew holds by this time, as the node did.
+        self.txn.meta_put("wall_ms", clock.wall_ms())
 
 
 class Engine:

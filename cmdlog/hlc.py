@@ -44,6 +44,10 @@ class HybridClock:
         self.last = last
         self.skew_ms_max = skew_ms_max
 
+    def wall_ms(self) -> int:
+        """Return the wall-clock milliseconds this clock reads."""
+        return self._now_ms()
+
     def now(self) -> int:
         """Return a new stamp, greater than every stamp issued or observed so far."""
         self.last = max(self._now_ms() << LOGICAL_BITS, self.last + 1)

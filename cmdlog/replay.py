@@ -22,6 +22,7 @@ from cmdlog import codec
 from cmdlog.app import App
 from cmdlog.config import StoreConfig
 from cmdlog.database import Database
+from cmdlog.hlc import wall_ms
 from cmdlog.model import Command
 from cmdlog.store import Store
 
@@ -65,12 +66,18 @@ def replay(path: Path | str, app: App) -> ReplayReport:
         with source.read() as txn:
             recorded_state = txn.meta_get("state_digest", bytes(32)).hex()
             recorded_log = txn.meta_get("log_digest", bytes(32)).hex()
+            recorded_wall_ms = txn.meta_get("wall_ms")
+        # The node decided which commands to hold for clock skew by its wall
+        # clock, so the replay judges them by the time of the node's last
+        # commit, not by today's: a command held then is held in the replay.
+        clock_ms = recorded_wall_ms if recorded_wall_ms is not None else wall_ms()
         scratch = Database(
             scratch_dir,
             app,
             store_config=StoreConfig(
                 durable=False, map_bytes_initial=source.map_bytes()
             ),
+            now_ms=lambda: clock_ms,
         )
         entries = _feed(source, scratch)
         status = scratch.status()

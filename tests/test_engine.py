@@ -19,6 +19,7 @@ from cmdlog.engine import UNKNOWN_TYPE, prepare_submission
 from cmdlog.errors import KeyReused
 from cmdlog.fold import StateOverlay
 from cmdlog.model import APPLIED, PENDING, REJECTED, Command
+from cmdlog.replay import replay
 from tests.conftest import fast_store
 
 APP = App([ledger])
@@ -323,3 +324,20 @@ def test_undo_records_bounded_by_horizon(scratch: Path) -> None:
         assert txn.count("undo") == 5
         assert txn.count("folded") == 12
     db.close()
+
+
+def test_replay_keeps_skew_hold(scratch: Path) -> None:
+    """Replay judges held commands by the node's recorded clock, not today's."""
+    now = [1_000_000]
+    db = Database(scratch, APP, store_config=fast_store(), now_ms=lambda: now[0])
+    ahead = (now[0] + db.clock.skew_ms_max + 5_000) << 16
+    db.ingest(
+        [Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, ahead, "n2")]
+    )
+    held = db.status()
+    db.close()
+
+    report = replay(scratch, APP)
+    assert held.applied == 0
+    assert report.applied == 0
+    assert report.matches

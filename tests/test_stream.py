@@ -103,8 +103,12 @@ async def test_dead_reader_dropped(node: NodeProcess) -> None:
         stalled.connect(("127.0.0.1", node.port))
         stalled.sendall(b"GET /replicate?after=0 HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
-            async with session.get(node.url + "/metrics") as response:
-                opened = gauge(await response.text(), "cmdlog_replication_streams")
+            # The node may take a moment to start serving the request.
+            opened = 0.0
+            waited = time.monotonic()
+            while not opened and time.monotonic() - waited < 5:
+                async with session.get(node.url + "/metrics") as response:
+                    opened = gauge(await response.text(), "cmdlog_replication_streams")
             started = time.monotonic()
             streams = opened
             while streams and time.monotonic() - started < 10:

@@ -60,7 +60,7 @@ class Credentials:
         return hmac.compare_digest(_bearer(authorization), self.peer_token.encode())
 
     def outgoing_peer_token(self) -> str | None:
-        """The token this node sends to its peers."""
+        """Return the token this node sends to its peers, or None."""
         if self.peer_token is not None:
             return self.peer_token
         tokens = list(self.principals)

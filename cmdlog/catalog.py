@@ -92,7 +92,7 @@ def _normalized_tree(function: Callable[..., Any]) -> ast.AST:
     try:
         source = textwrap.dedent(inspect.getsource(function))
     except (OSError, TypeError):
-        # No source (a builtin or a generated function): its bytecode stands in.
+        # With no source (a builtin or a generated function), hash the bytecode.
         code = getattr(function, "__code__", None)
         return ast.Constant(code.co_code if code is not None else repr(function))
     tree = ast.parse(source)
@@ -119,7 +119,7 @@ def app_fingerprints(app: App) -> dict[str, str]:
 
 
 def compare(recorded: dict[str, str], current: dict[str, str]) -> list[CatalogEntry]:
-    """Pair recorded and current fingerprints for every type either side knows."""
+    """Pair recorded and current fingerprints for every type in either map."""
     return [
         CatalogEntry(name, recorded.get(name), current.get(name))
         for name in sorted(set(recorded) | set(current))

@@ -32,7 +32,7 @@ from cmdlog.model import Command, Outcome
 log = structlog.get_logger(__name__)
 
 RETRY_AFTER_S_MAX = 30.0
-"""Longest wait a server's Retry-After can impose on one retry."""
+"""Maximum wait a server's Retry-After can impose on one retry."""
 RETRY_STATUSES = frozenset({409, 429})
 """4xx statuses worth a retry; every 5xx is retried too."""
 MSGPACK = "application/msgpack"

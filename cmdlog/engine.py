@@ -65,7 +65,7 @@ class Accepted:
 
 @dataclass(slots=True)
 class IngestReport:
-    """What one batch of peer commands did to the log."""
+    """Counts of what one batch of peer commands did to the log."""
 
     stored: int = 0
     duplicates: int = 0
@@ -109,7 +109,7 @@ class _Batch:
         self.ids: dict[str, list[Any] | None] = {}
         self.catalogued: set[str] = set()
         self.outcomes: dict[str, Outcome] = {}
-        """Outcomes set in this batch, by command ID, to answer without a read."""
+        """Outcomes set in this batch, by command ID, so results need no read."""
 
     def id_get(self, command_id: str) -> list[Any] | None:
         if command_id not in self.ids:
@@ -173,8 +173,8 @@ class Engine:
     ) -> list[Accepted | KeyReused]:
         """Append the new submissions, fold them, and report every one.
 
-        A submission whose ID is stored with the same fingerprint is a retry
-        and reports the stored command; one with another fingerprint gets a
+        A submission whose ID is stored with the same fingerprint is a retry,
+        so it reports the stored command. One with another fingerprint gets a
         `KeyReused` error in its place in the list.
         """
         batch = _Batch(txn)
@@ -282,8 +282,8 @@ class Engine:
         if fingerprint != existing_fp:
             report.conflicts.append(command.id)
         # The copy that sorts first keeps the ID. Two copies with one order key
-        # can only come from a faulty origin; the smaller fingerprint wins then,
-        # so every node still picks the same one.
+        # can only come from a faulty origin. The smaller fingerprint wins
+        # then, so every node still picks the same one.
         if (key, fingerprint) > (existing_key, existing_fp):
             seq = batch.append(command)
             batch.txn.conflict_put(command.id, key, seq, fingerprint)

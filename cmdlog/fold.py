@@ -28,7 +28,7 @@ StateKey = tuple[str, bytes]
 UndoEntry = list[Any]  # [domain, key, previous value or None]
 
 STATE_KEY_BYTES_MAX = 480
-"""Longest state key a handler may write (LMDB's limit is 511 bytes)."""
+"""Maximum length of a state key a handler may write (LMDB's limit is 511 bytes)."""
 
 HANDLER_FAILED = "handler_failed"
 """Reason given when a handler raises instead of returning or rejecting. It
@@ -37,8 +37,8 @@ for a handler bug, and is deterministic either way."""
 
 
 # Each item is hashed from a tag byte and its parts. Domain names and command
-# IDs contain no NUL, so NUL ends them; a state key gets a length prefix
-# because it may contain any byte; the last part runs to the end.
+# IDs contain no NUL, so NUL ends them. A state key gets a length prefix
+# because it may contain any byte, and the last part runs to the end.
 
 
 def _item_hash(data: bytes) -> int:
@@ -113,8 +113,8 @@ class StateOverlay:
 
 
 class _HandlerState:
-    """One domain's state as one handler call sees it; writes stay local
-    until the handler returns, so a rejection leaves no trace."""
+    """One domain's state as one handler call reads and writes it. Writes stay
+    local until the handler returns, so a rejection leaves no trace."""
 
     __slots__ = ("_domain", "_overlay", "writes")
 

@@ -94,7 +94,7 @@ class Node:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def client_ssl(self) -> ssl.SSLContext | None:
-        """The TLS context pullers use for https peers, trusting `tls_ca`."""
+        """Return the TLS context pullers use for https peers, trusting `tls_ca`."""
         if self.config.tls_ca is None:
             return None
         return ssl.create_default_context(cafile=self.config.tls_ca)

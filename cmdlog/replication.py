@@ -28,7 +28,7 @@ from cmdlog.model import KEY_CHARS_MAX, Command
 TYPE_CHARS_MAX = 255
 ORIGIN_PATTERN = re.compile(r"[0-9a-f]{1,64}")
 ID_CHARS_MAX = KEY_CHARS_MAX + 65
-"""Longest command ID from a peer: a key with a principal prefix."""
+"""Maximum length of a command ID from a peer: a key with a principal prefix."""
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{ID_CHARS_MAX}}}")
 STAMP_MAX = 2**63 - 1
 
@@ -79,7 +79,7 @@ def check_version(version: Any) -> None:
 
 @dataclass(slots=True)
 class PeerState:
-    """What a node knows of one peer it pulls from."""
+    """A node's record of one peer it pulls from."""
 
     url: str
     node: str | None = None

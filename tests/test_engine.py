@@ -148,7 +148,7 @@ def test_any_delivery_matches_canonical_fold(
 ) -> None:
     """Any delivery order and duplication gives the canonical fold's outcomes
     and digests, with rewinds inside the undo horizon and full re-folds
-    beyond it."""
+    beyond it, and a replay of the resulting log gives the same digests."""
     expected_outcomes, expected_state, expected_log = reference_fold(copies)
     batches = data.draw(deliveries(copies))
     with tempfile.TemporaryDirectory() as path:
@@ -167,6 +167,12 @@ def test_any_delivery_matches_canonical_fold(
                 assert viewed[1] == outcome, command_id
         finally:
             db.close()
+        report = replay(path, APP)
+        assert report.commands == len(expected_outcomes)
+        assert report.applied == len(expected_outcomes)
+        assert report.state_digest == expected_state
+        assert report.log_digest == expected_log
+        assert report.matches
 
 
 def test_two_nodes_same_set_same_digests(scratch: Path) -> None:

@@ -3,10 +3,15 @@
 The same load generator, wrk, drives every system with the same requests:
 `POST /commands` with a new Idempotency-Key and a `ledger.deposit` body per
 request over 64 connections, then `POST /commands/batch` with 1,000 items
-per request over 4 connections. Each system is one fresh process per
-measurement (see `bench.systems`), warmed up for a moment, then measured.
-Systems run in a rotated order in every round, and ratios are taken
-between measurements of the same round.
+per request over 4 connections. Two more workloads follow. The connection
+sweep repeats the single commands at 1, 16 and 256 connections, and its
+64-connection point is the single-command measurement. The retries send
+single commands over 64 connections where a share of the requests (0%,
+10%, 50%) resends an earlier request with the same key and body, as a
+client retry does. Each system is one fresh process per measurement (see
+`bench.systems`), warmed up for a moment, then measured. Systems run in a
+rotated order in every round, and ratios are taken between measurements
+of the same round.
 
 Run `python -m bench.http [--quick] [--profile]` from the repository root,
 as a module: run as a script, this file would shadow the standard
@@ -41,6 +46,7 @@ from bench.systems import (
     CMDLOG_QUIET,
     PG,
     REPO,
+    settled_count,
     started_system,
 )
 from bench.workload import ACCOUNTS
@@ -48,9 +54,11 @@ from bench.workload import ACCOUNTS
 SINGLE_SCRIPT = "bench/wrk/single.lua"
 BATCH_SCRIPT = "bench/wrk/batch.lua"
 GET_SCRIPT = "bench/wrk/get.lua"
+RETRY_SCRIPT = "bench/wrk/retry.lua"
 SINGLE_CONNECTIONS = 64
 BATCH_CONNECTIONS = 4
 WRK_THREADS = 2
+"""wrk threads, or fewer when a run has fewer connections."""
 BATCH_ITEMS = 1_000
 WRK_TIMEOUT_S = 10
 """wrk counts a response slower than this as a timeout error."""
@@ -60,6 +68,15 @@ INSTALL_TIMEOUT_S = 600.0
 
 SINGLE_SYSTEMS = (CMDLOG, CMDLOG_QUIET, PG, BARE, CMDLOG_HEALTHZ)
 BATCH_SYSTEMS = (CMDLOG, PG, BARE)
+SWEEP_SYSTEMS = (CMDLOG, PG, BARE)
+SWEEP_CONNECTIONS = (1, 16, SINGLE_CONNECTIONS, 256)
+RETRY_SYSTEMS = (CMDLOG, PG)
+"""The systems that deduplicate by key, so their stored count can be checked."""
+DUPLICATE_SHARES = (0.0, 0.1, 0.5)
+RETRY_SEED = 1
+"""Thread i of a retry run seeds its random generator with RETRY_SEED + i."""
+RETRY_WINDOW = 1_000
+"""A retry resends one of its thread's last RETRY_WINDOW new requests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +87,7 @@ class Scale:
 
 
 FULL = Scale(rounds=3, duration_s=10, warmup_s=2)
-QUICK = Scale(rounds=2, duration_s=3, warmup_s=1)
+QUICK = Scale(rounds=1, duration_s=3, warmup_s=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +105,10 @@ class WrkResult:
     p90_us: int
     p99_us: int
     max_us: int
+    new_keys: int | None = None
+    """Requests sent with a new key, those in flight at the end too (retry.lua only)."""
+    duplicates: int | None = None
+    """Requests that resent an earlier request of their wrk thread (retry.lua only)."""
 
     @property
     def requests_per_s(self) -> float:
@@ -108,11 +129,19 @@ class WrkResult:
 class Measurement:
     system: str
     mode: str
+    """"single", "batch" or "retry" (single commands, some of them resent)."""
+    connections: int
+    duplicate_share: float
+    """The probability that a request resends an earlier one (0 unless "retry")."""
     round_index: int
     wrk: WrkResult
     items_per_request: int
     stored: int | None
-    """Commands the system stored during the measured run, by its own count."""
+    """Commands the system stored during the measured run, by its own count.
+
+    Read after the count stops changing, so it includes the requests that
+    wrk still had in flight when it stopped.
+    """
     cpu_s: float
     """CPU seconds the system used during the measured run, its database too."""
     process_cpu_s: float
@@ -185,21 +214,49 @@ def ensure_asyncpg() -> None:
 
 
 def wrk_argv(
-    *, mode: str, system: str, url: str, duration_s: int, prefix: str
+    *,
+    mode: str,
+    system: str,
+    url: str,
+    duration_s: int,
+    prefix: str,
+    connections: int,
+    duplicate_share: float,
 ) -> list[str]:
     if system == CMDLOG_HEALTHZ:
-        connections, script, args = SINGLE_CONNECTIONS, GET_SCRIPT, []
+        script, args = GET_SCRIPT, []
         url += "/healthz"
     elif mode == "single":
-        connections, script, args = SINGLE_CONNECTIONS, SINGLE_SCRIPT, ["/commands"]
+        script, args = SINGLE_SCRIPT, ["/commands"]
+    elif mode == "retry":
+        script = RETRY_SCRIPT
+        args = ["/commands", str(duplicate_share), str(RETRY_SEED), str(RETRY_WINDOW)]
+    elif mode == "batch":
+        script, args = BATCH_SCRIPT, ["/commands/batch", str(BATCH_ITEMS)]
     else:
-        connections, script = BATCH_CONNECTIONS, BATCH_SCRIPT
-        args = ["/commands/batch", str(BATCH_ITEMS)]
+        raise ValueError(f"wrk mode {mode!r} is not single, retry or batch")
+    # wrk rejects more threads than connections.
+    threads = min(WRK_THREADS, connections)
     return [
-        *("wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{duration_s}s"),
+        *("wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s"),
         *(f"--timeout={WRK_TIMEOUT_S}s", "--latency", "-s", script, url),
         *("--", prefix, str(ACCOUNTS), *args),
     ]
+
+
+def _connections_text(connections: int) -> str:
+    return f"{connections} connection{'' if connections == 1 else 's'}"
+
+
+def _role(system: str, mode: str, connections: int, duplicate_share: float) -> str:
+    """Name a wrk command line in the report, one name per distinct command."""
+    if system == CMDLOG_HEALTHZ:
+        return "wrk GET /healthz"
+    if mode == "retry":
+        return f"wrk retry, {duplicate_share:.0%} duplicates"
+    if mode == "single" and connections != SINGLE_CONNECTIONS:
+        return f"wrk single, {_connections_text(connections)}"
+    return f"wrk {mode}"
 
 
 def run_wrk(argv: list[str], duration_s: int) -> WrkResult:
@@ -216,11 +273,14 @@ def measure(
     system: str,
     mode: str,
     round_index: int,
+    connections: int,
+    duplicate_share: float = 0.0,
     profiler: PySpy | None = None,
 ) -> Measurement:
     """Start `system`, warm it up, measure one wrk run, and stop it."""
     scale = context.scale
-    prefix = f"{mode}-{round_index}-{system.split(',')[0]}"
+    prefix = f"{mode}-{connections}-{duplicate_share}-{round_index}-"
+    prefix += system.split(",")[0]
     with started_system(
         system,
         scratch=context.scratch,
@@ -233,6 +293,8 @@ def measure(
             url=target.base_url,
             duration_s=scale.warmup_s,
             prefix=f"warm-{prefix}",
+            connections=connections,
+            duplicate_share=duplicate_share,
         )
         run_wrk(warm, scale.warmup_s)
 
@@ -242,12 +304,16 @@ def measure(
             url=target.base_url,
             duration_s=scale.duration_s,
             prefix=f"run-{prefix}",
+            connections=connections,
+            duplicate_share=duplicate_share,
         )
-        role = "wrk GET /healthz" if system == CMDLOG_HEALTHZ else f"wrk {mode}"
+        role = _role(system, mode, connections, duplicate_share)
         shown = " ".join(argv).replace(target.base_url, "http://127.0.0.1:$PORT")
         context.commands[role] = shown
 
-        stored_before = target.stored() if target.stored else None
+        # Both reads wait until the count stops changing, so the requests that the
+        # warm-up left in flight are not counted in the measured run.
+        stored_before = settled_count(target.stored) if target.stored else None
         commits_before = target.commits() if target.commits else None
         cpu_before = target.cpu()
         busy_before = machine_busy_seconds()
@@ -262,7 +328,7 @@ def measure(
         cpu_after = target.cpu()
         wrk_cpu_s = children_cpu_seconds() - children_before
         busy_s = machine_busy_seconds() - busy_before
-        stored_after = target.stored() if target.stored else None
+        stored_after = settled_count(target.stored) if target.stored else None
         commits_after = target.commits() if target.commits else None
 
     cpu_s = cpu_after.tree_s - cpu_before.tree_s
@@ -273,9 +339,11 @@ def measure(
     return Measurement(
         system=system,
         mode=mode,
+        connections=connections,
+        duplicate_share=duplicate_share,
         round_index=round_index,
         wrk=result,
-        items_per_request=1 if mode == "single" else BATCH_ITEMS,
+        items_per_request=BATCH_ITEMS if mode == "batch" else 1,
         stored=stored,
         cpu_s=cpu_s,
         process_cpu_s=cpu_after.process_s - cpu_before.process_s,
@@ -299,6 +367,10 @@ def _rotated(systems: tuple[str, ...], round_index: int) -> list[str]:
 
 def _describe(found: Measurement) -> str:
     checked = "" if found.stored is None else f", stored {found.stored:,}"
+    if found.wrk.new_keys is not None:
+        checked += f", new keys sent {found.wrk.new_keys:,}"
+        if found.stored is not None and found.stored != found.wrk.new_keys:
+            checked += " (MISMATCH: stored differs from the new keys sent)"
     p50_ms = found.wrk.p50_us / 1000
     p99_ms = found.wrk.p99_us / 1000
     return (
@@ -307,8 +379,116 @@ def _describe(found: Measurement) -> str:
     )
 
 
+def _measure_rounds(
+    context: Context,
+    *,
+    mode: str,
+    systems: tuple[str, ...],
+    connections: int,
+    duplicate_share: float = 0.0,
+) -> list[Measurement]:
+    """Measure every system once per round, in an order rotated by the round."""
+    scale = context.scale
+    label = f"{mode}, {_connections_text(connections)}"
+    if mode == "retry":
+        label += f", {duplicate_share:.0%} duplicates"
+    measurements = []
+    for round_index in range(scale.rounds):
+        for system in _rotated(systems, round_index):
+            step = f"round {round_index + 1}/{scale.rounds}"
+            progress(f"http {label} {step}: {system}, {scale.duration_s} s")
+            found = measure(
+                context,
+                system=system,
+                mode=mode,
+                round_index=round_index,
+                connections=connections,
+                duplicate_share=duplicate_share,
+            )
+            measurements.append(found)
+            progress(_describe(found))
+    return measurements
+
+
+def sweep_row(found: Measurement) -> dict[str, Any]:
+    """Return one connection-sweep measurement as plain values (round from 0)."""
+    return {
+        "system": found.system,
+        "connections": found.connections,
+        "round": found.round_index,
+        "requests": found.wrk.requests,
+        "requests_per_s": found.wrk.requests_per_s,
+        "p50_us": found.wrk.p50_us,
+        "p90_us": found.wrk.p90_us,
+        "p99_us": found.wrk.p99_us,
+        "max_us": found.wrk.max_us,
+        "errors": found.wrk.errors,
+        "cpu_us_per_request": found.cpu_us_per_command,
+        "other_cores": found.other_cores,
+    }
+
+
+def retry_row(found: Measurement) -> dict[str, Any]:
+    """Return one retry measurement as plain values (round from 0).
+
+    `unique_keys` is the number of new keys wrk sent and `stored` the
+    commands the system stored by its own count. The two are equal when
+    every retry was deduplicated and no new key was lost.
+    """
+    duration_s = found.wrk.duration_us / 1e6
+    stored = found.stored
+    return {
+        "system": found.system,
+        "connections": found.connections,
+        "duplicate_share": found.duplicate_share,
+        "round": found.round_index,
+        "requests": found.wrk.requests,
+        "requests_per_s": found.wrk.requests_per_s,
+        "duplicates_sent": found.wrk.duplicates,
+        "unique_keys": found.wrk.new_keys,
+        "stored": stored,
+        "stored_per_s": None if stored is None else stored / duration_s,
+        "p50_us": found.wrk.p50_us,
+        "p90_us": found.wrk.p90_us,
+        "p99_us": found.wrk.p99_us,
+        "max_us": found.wrk.max_us,
+        "errors": found.wrk.errors,
+        "other_cores": found.other_cores,
+    }
+
+
+def _sweep(context: Context, at_default: list[Measurement]) -> list[dict[str, Any]]:
+    """Measure the sweep's connection counts, reusing the 64-connection runs."""
+    found = [m for m in at_default if m.mode == "single" and m.system in SWEEP_SYSTEMS]
+    for connections in SWEEP_CONNECTIONS:
+        if connections != SINGLE_CONNECTIONS:
+            found += _measure_rounds(
+                context, mode="single", systems=SWEEP_SYSTEMS, connections=connections
+            )
+    found.sort(key=lambda m: (m.connections, m.round_index))
+    return [sweep_row(m) for m in found]
+
+
+def _retries(context: Context) -> list[dict[str, Any]]:
+    found = []
+    for share in DUPLICATE_SHARES:
+        found += _measure_rounds(
+            context,
+            mode="retry",
+            systems=RETRY_SYSTEMS,
+            connections=SINGLE_CONNECTIONS,
+            duplicate_share=share,
+        )
+    return [retry_row(m) for m in found]
+
+
 def run(*, quick: bool, profile: bool) -> dict[str, Any]:
-    """Run every HTTP round (and the profiles) and return the measurements."""
+    """Run every HTTP round (and the profiles) and return the measurements.
+
+    The result's "measurements" are the 64-connection single commands and
+    the batches. "sweep" and "retries" are lists of `sweep_row` and
+    `retry_row` dicts.
+    """
     scale = QUICK if quick else FULL
     ensure_wrk()
     ensure_asyncpg()
@@ -321,16 +501,13 @@ def run(*, quick: bool, profile: bool) -> dict[str, Any]:
     try:
         with temporary_cluster() as cluster:
             context = Context(scale, scratch, cluster, {})
-            for mode, systems in (("single", SINGLE_SYSTEMS), ("batch", BATCH_SYSTEMS)):
-                for round_index in range(scale.rounds):
-                    for system in _rotated(systems, round_index):
-                        step = f"round {round_index + 1}/{scale.rounds}"
-                        progress(f"http {mode} {step}: {system}, {scale.duration_s} s")
-                        found = measure(
-                            context, system=system, mode=mode, round_index=round_index
-                        )
-                        measurements.append(found)
-                        progress(_describe(found))
+            for mode, systems, connections in (
+                ("single", SINGLE_SYSTEMS, SINGLE_CONNECTIONS),
+                ("batch", BATCH_SYSTEMS, BATCH_CONNECTIONS),
+            ):
+                measurements += _measure_rounds(
+                    context, mode=mode, systems=systems, connections=connections
+                )
                 if py_spy is not None:
                     progress(f"http {mode} profile: cmdlog under py-spy")
                     profiler = PySpy(py_spy, scratch)
@@ -339,9 +516,12 @@ def run(*, quick: bool, profile: bool) -> dict[str, Any]:
                         system=CMDLOG,
                         mode=mode,
                         round_index=scale.rounds,
+                        connections=connections,
                         profiler=profiler,
                     )
                     profiles[mode] = profiler.summary()
+            sweep = _sweep(context, measurements)
+            retries = _retries(context)
             commands = dict(context.commands)
             commands["postgres"] = "\n".join(cluster.commands)
             postgres_version = cluster.version
@@ -350,6 +530,8 @@ def run(*, quick: bool, profile: bool) -> dict[str, Any]:
     return {
         "scale": asdict(scale),
         "measurements": measurements,
+        "sweep": sweep,
+        "retries": retries,
         "profiles": profiles,
         "commands": commands,
         "postgres_version": postgres_version,
@@ -360,7 +542,9 @@ def main() -> None:
     from bench import http_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 s runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round of 3 s runs (default: 3 of 10 s)"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="sample cmdlog serve with py-spy"
     )

@@ -1,4 +1,7 @@
-"""Markdown tables of the HTTP benchmark: rates, latency, CPU, ratios, targets."""
+"""Markdown tables of the HTTP benchmark: rates, latency, CPU, ratios, targets.
+
+Also the connection sweep and the retries, and `sweep_series` for plots.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from bench.http import (
     BATCH_CONNECTIONS,
     BATCH_ITEMS,
     BATCH_SYSTEMS,
+    RETRY_SEED,
+    RETRY_WINDOW,
     SINGLE_CONNECTIONS,
     SINGLE_SYSTEMS,
     WRK_THREADS,
@@ -156,8 +161,10 @@ def render(results: dict[str, Any]) -> str:
     measurements: list[Measurement] = results["measurements"]
     single = [m for m in measurements if m.mode == "single"]
     batch = [m for m in measurements if m.mode == "batch"]
+    rounds = scale["rounds"]
     parts = [
-        f"{scale['rounds']} rounds. Each measurement is a fresh server process, "
+        f"{rounds} round{'' if rounds == 1 else 's'}. Each measurement is a fresh "
+        "server process, "
         f"{scale['warmup_s']} s of warm-up, then {scale['duration_s']} s measured by "
         f"wrk ({WRK_THREADS} threads). Cells are median (min–max) over the rounds. "
         "CPU is the server's user + system time over the measured run per "
@@ -223,6 +230,10 @@ def render(results: dict[str, Any]) -> str:
                 ],
             ],
         ),
+        "",
+        render_sweep(results),
+        "",
+        render_retries(results),
     ]
     for mode, text in results["profiles"].items():
         parts += [
@@ -240,3 +251,231 @@ def render(results: dict[str, Any]) -> str:
 def render_commands(results: dict[str, Any]) -> str:
     lines = [f"# {role}\n{command}" for role, command in results["commands"].items()]
     return "```sh\n" + "\n".join(lines) + "\n```"
+
+
+# connection sweep and retries: `results["sweep"]` and `results["retries"]`
+# are lists of plain dicts, one per measurement (see `bench.http.sweep_row`
+# and `bench.http.retry_row`).
+
+
+def _in_order(rows: list[dict[str, Any]], key: str) -> list[Any]:
+    """Return the distinct values of `key` in `rows`, in order of first appearance."""
+    return list(dict.fromkeys(row[key] for row in rows))
+
+
+def _row_ratios(
+    rows: list[dict[str, Any]], over: str, under: str, value: str = "requests_per_s"
+) -> list[float]:
+    """Return `over / under` of `value` for each round that measured both."""
+    ratios_found = []
+    for round_index in sorted({row["round"] for row in rows}):
+        pair = {
+            row["system"]: row[value] for row in rows if row["round"] == round_index
+        }
+        if over in pair and under in pair:
+            ratios_found.append(pair[over] / pair[under])
+    return ratios_found
+
+
+def _ms_2(values: list[int]) -> str:
+    return spread([value / 1000 for value in values], "{:,.2f}")
+
+
+def sweep_series(
+    results: dict[str, Any],
+) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Return each system's sweep as `(connections, requests/s, p50 µs, p99 µs)`.
+
+    Each value is the median over the rounds. Points are sorted by
+    connections, and systems keep the order in which they were measured.
+    """
+    rows: list[dict[str, Any]] = results["sweep"]
+    series: dict[str, list[tuple[int, float, float, float]]] = {}
+    for system in _in_order(rows, "system"):
+        of_system = [row for row in rows if row["system"] == system]
+        points = []
+        for connections in sorted({row["connections"] for row in of_system}):
+            found = [row for row in of_system if row["connections"] == connections]
+            points.append(
+                (
+                    connections,
+                    median(row["requests_per_s"] for row in found),
+                    median(row["p50_us"] for row in found),
+                    median(row["p99_us"] for row in found),
+                )
+            )
+        series[system] = points
+    return series
+
+
+def render_sweep(results: dict[str, Any]) -> str:
+    """Render the connection sweep as Markdown: rates and latency, then ratios."""
+    rows: list[dict[str, Any]] = results["sweep"]
+    systems = _in_order(rows, "system")
+    connection_counts = sorted({row["connections"] for row in rows})
+    measured = []
+    ratio_rows = []
+    for connections in connection_counts:
+        at_count = [row for row in rows if row["connections"] == connections]
+        for system in systems:
+            found = [row for row in at_count if row["system"] == system]
+            if not found:
+                continue
+            measured.append(
+                [
+                    connections,
+                    system,
+                    spread([row["requests_per_s"] for row in found]),
+                    _ms_2([row["p50_us"] for row in found]),
+                    _ms_2([row["p99_us"] for row in found]),
+                    sum(row["errors"] for row in found),
+                    spread([row["other_cores"] for row in found], "{:.2f}"),
+                ]
+            )
+        ratio_rows.append(
+            [
+                connections,
+                spread(_row_ratios(at_count, CMDLOG, PG), "{:.2f}"),
+                spread(_row_ratios(at_count, CMDLOG, BARE), "{:.2f}"),
+            ]
+        )
+    counts_text = ", ".join(str(count) for count in connection_counts)
+    return "\n".join(
+        [
+            f"Connection sweep: the single commands above at {counts_text} "
+            f"connections, with {WRK_THREADS} wrk threads (1 at 1 connection). "
+            f"The {SINGLE_CONNECTIONS}-connection rows are the measurements of the "
+            "single-command table. bare_aiohttp stores nothing, so it is the "
+            "ceiling for one aiohttp process. Cells are median (min–max) over the "
+            "rounds, and 'other CPU' is as in the first table:",
+            "",
+            table(
+                [
+                    "connections",
+                    "system",
+                    "requests/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "errors",
+                    "other CPU",
+                ],
+                measured,
+            ),
+            "",
+            "Sweep ratios of requests/s, computed within each round at the same "
+            "connection count, then the median (min–max):",
+            "",
+            table(
+                ["connections", "cmdlog / pg_service", "cmdlog / bare_aiohttp"],
+                ratio_rows,
+            ),
+        ]
+    )
+
+
+def _stored_check(found: list[dict[str, Any]]) -> str:
+    """Return "equal" when every round stored one command per new key sent.
+
+    Otherwise name the rounds where the counts differ.
+    """
+    if any(row["stored"] is None for row in found):
+        return "stores nothing"
+    wrong = [row for row in found if row["stored"] != row["unique_keys"]]
+    if not wrong:
+        return "equal"
+    rounds = ", ".join(str(row["round"] + 1) for row in wrong)
+    return f"NOT equal in round {rounds}"
+
+
+def render_retries(results: dict[str, Any]) -> str:
+    """Render the retries as Markdown: rates, latency, stored counts, ratios."""
+    rows: list[dict[str, Any]] = results["retries"]
+    systems = _in_order(rows, "system")
+    measured = []
+    ratio_rows = []
+    for share in sorted({row["duplicate_share"] for row in rows}):
+        at_share = [row for row in rows if row["duplicate_share"] == share]
+        for system in systems:
+            found = [row for row in at_share if row["system"] == system]
+            if not found:
+                continue
+            stored = [row["stored"] for row in found if row["stored"] is not None]
+            measured.append(
+                [
+                    f"{share:.0%}",
+                    system,
+                    spread([row["requests_per_s"] for row in found]),
+                    spread(
+                        [
+                            row["stored_per_s"]
+                            for row in found
+                            if row["stored_per_s"] is not None
+                        ]
+                    ),
+                    _ms([row["p50_us"] for row in found]),
+                    _ms([row["p99_us"] for row in found]),
+                    sum(row["errors"] for row in found),
+                    f"{sum(row['duplicates_sent'] for row in found):,}",
+                    f"{sum(row['unique_keys'] for row in found):,}",
+                    f"{sum(stored):,}" if stored else "",
+                    _stored_check(found),
+                    spread([row["other_cores"] for row in found], "{:.2f}"),
+                ]
+            )
+        ratio_rows.append(
+            [
+                f"{share:.0%}",
+                spread(_row_ratios(at_share, CMDLOG, PG), "{:.2f}"),
+                spread(_row_ratios(at_share, CMDLOG, PG, "stored_per_s"), "{:.2f}"),
+            ]
+        )
+    connections = _in_order(rows, "connections")
+    return "\n".join(
+        [
+            "Retries: `POST /commands` over "
+            f"{', '.join(map(str, connections))} connections "
+            "(`bench/wrk/retry.lua`). With probability 'duplicate share', a "
+            "request resends one of its wrk thread's last "
+            f"{RETRY_WINDOW:,} new requests, picked uniformly, with the same "
+            "Idempotency-Key and body, as a client retry does. Otherwise it sends "
+            f"a new key. wrk thread i seeds its generator with {RETRY_SEED} + i, so "
+            "the k-th request of a thread makes the same choice in every run. "
+            "'requests/s' counts every completed response, new or resent. "
+            "'stored/s' is the system's own "
+            "count of new commands over the run time. 'new keys sent' includes "
+            "the requests in flight when wrk stopped, and 'stored' is read once "
+            "the count stops changing, so the two are equal when every retry was "
+            "deduplicated and no new command was lost. Counts are summed over "
+            "the rounds, and 'other CPU' is as in the first table:",
+            "",
+            table(
+                [
+                    "duplicate share",
+                    "system",
+                    "requests/s",
+                    "stored/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "errors",
+                    "resent",
+                    "new keys sent",
+                    "stored",
+                    "stored vs new keys",
+                    "other CPU",
+                ],
+                measured,
+            ),
+            "",
+            "Retry ratios, computed within each round at the same duplicate share, "
+            "then the median (min–max):",
+            "",
+            table(
+                [
+                    "duplicate share",
+                    "cmdlog / pg_service requests/s",
+                    "cmdlog / pg_service stored/s",
+                ],
+                ratio_rows,
+            ),
+        ]
+    )

@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from bench.workload import ACCOUNTS, account_name
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_START_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 30.0
+SETTLE_INTERVAL_S = 0.2
+SETTLE_TIMEOUT_S = 10.0
 
 CMDLOG = "cmdlog"
 CMDLOG_QUIET = "cmdlog, --log-level warning"
@@ -79,6 +82,26 @@ def open_accounts(base_url: str) -> None:
     statuses = Counter(result["status"] for result in answer["results"])
     if statuses != Counter({201: ACCOUNTS}):
         raise RuntimeError(f"opening accounts returned statuses {dict(statuses)}")
+
+
+def settled_count(read: Callable[[], int]) -> int:
+    """Read a count until two reads `SETTLE_INTERVAL_S` apart agree, and return it.
+
+    A server may still be committing the requests that wrk had in flight
+    when it stopped. Raises RuntimeError when the count still changes
+    after `SETTLE_TIMEOUT_S`.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_INTERVAL_S)
+        current = read()
+        if current == last:
+            return current
+        last = current
+    raise RuntimeError(
+        f"the stored count still changed after {SETTLE_TIMEOUT_S} s (last {last})"
+    )
 
 
 def _stored_commands(base_url: str) -> int:

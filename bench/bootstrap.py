@@ -54,6 +54,11 @@ BOOTSTRAP_TIMEOUT_MIN_S = 120.0
 BOOTSTRAP_RATE_FLOOR = 2_000
 """Slowest accepted rate in commands/s: a run times out after N divided by it."""
 LISTENING = re.compile(r"cmdlog listening on (http://\S+)")
+FULL_SIZES = (100_000, 1_000_000)
+QUICK_SIZES = (20_000, 100_000)
+RATE_TARGET = 40_000
+MEMORY_TOLERANCE = 0.2
+"""Largest accepted change of peak RssAnon between the smallest and largest size."""
 
 
 @dataclass(slots=True)
@@ -310,6 +315,12 @@ def render(results: list[SizeResult]) -> str:
         "other cores",
     ]
     parts = [table(headers, rows)]
+    if len(results) > 1:
+        parts += [
+            "",
+            f"Peak RssAnon at {results[-1].commands:,} commands over that at "
+            f"{results[0].commands:,}: {memory_ratio(results):.2f} (medians).",
+        ]
     for found in results:
         parts += ["", f"N={found.commands:,}, first run:", "", render_series(found)]
         if found.profile:
@@ -334,6 +345,50 @@ def render_series(found: SizeResult, rows_max: int = 24) -> str:
     return table(["s since spawn", "commands", "commands/s since previous row"], rows)
 
 
+def memory_ratio(results: list[SizeResult]) -> float:
+    """Return peak RssAnon at the largest size over that at the smallest (medians)."""
+    return median(r.rss_anon_kib_max for r in results[-1].runs) / median(
+        r.rss_anon_kib_max for r in results[0].runs
+    )
+
+
+def target_rows(results: list[SizeResult]) -> list[list[str]]:
+    """Return `[target, measured median, verdict]` rows for the bootstrap targets."""
+    largest = results[-1]
+    rate = median(run.rate for run in largest.runs)
+    rows = [
+        [
+            f"bootstrap of {largest.commands:,} commands ≥ {RATE_TARGET:,} commands/s",
+            f"{rate:,.0f}",
+            "met" if rate >= RATE_TARGET else "not met",
+        ]
+    ]
+    if len(results) > 1:
+        ratio = memory_ratio(results)
+        rows.append(
+            [
+                f"bootstrap peak RssAnon, {largest.commands:,} / "
+                f"{results[0].commands:,} commands, within 20%",
+                f"{ratio:.2f}",
+                "met" if abs(ratio - 1) <= MEMORY_TOLERANCE else "not met",
+            ]
+        )
+    return rows
+
+
+def run(*, quick: bool) -> dict[str, Any]:
+    """Measure every size of the full or quick scale; return the suite's record."""
+    quiet_logging()
+    sizes, runs = (QUICK_SIZES, 1) if quick else (FULL_SIZES, 3)
+    results = [measure_size(commands, runs, None) for commands in sizes]
+    return {
+        "markdown": render(results),
+        "targets": target_rows(results),
+        "series": {str(found.commands): found.runs[0].samples for found in results},
+        "data": [asdict(found) for found in results],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -354,10 +409,7 @@ def main() -> None:
         args.json.write_text(json.dumps([asdict(found) for found in results]))
     print(render(results))
     if len(results) > 1:
-        ratio = median(r.rss_anon_kib_max for r in results[-1].runs) / median(
-            r.rss_anon_kib_max for r in results[0].runs
-        )
-        print(f"\nRssAnon max, largest N / smallest N: {ratio:.2f}")
+        print(f"\nRssAnon max, largest N / smallest N: {memory_ratio(results):.2f}")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +45,7 @@ from bench.systems import (
     settled_count,
     started_system,
 )
+from bench.tools import apt_install, ensure_module
 from bench.workload import ACCOUNTS
 
 SINGLE_SCRIPT = "bench/wrk/single.lua"
@@ -64,7 +61,6 @@ WRK_TIMEOUT_S = 10
 """wrk counts a response slower than this as a timeout error."""
 WRK_GRACE_S = 60.0
 """How much longer than its duration a wrk run may take before it is killed."""
-INSTALL_TIMEOUT_S = 600.0
 
 SINGLE_SYSTEMS = (CMDLOG, CMDLOG_QUIET, PG, BARE, CMDLOG_HEALTHZ)
 BATCH_SYSTEMS = (CMDLOG, PG, BARE)
@@ -180,34 +176,12 @@ class Context:
 # tools
 
 
-def _apt_install(package: str) -> None:
-    progress(f"{package} not found; installing Debian's {package} package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", package],
-    ):
-        subprocess.run(argv, check=True, env=env, timeout=INSTALL_TIMEOUT_S)
-
-
 def ensure_wrk() -> None:
     """Install Debian's wrk package when wrk is not on PATH."""
     if shutil.which("wrk") is None:
-        _apt_install("wrk")
+        apt_install("wrk")
     if shutil.which("wrk") is None:
         raise RuntimeError("apt-get installed wrk but it is not on PATH")
-
-
-def ensure_asyncpg() -> None:
-    """Install asyncpg into this interpreter's environment when it is missing."""
-    if importlib.util.find_spec("asyncpg") is not None:
-        return
-    progress(f"asyncpg not found; installing it with {sys.executable} -m pip")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "asyncpg"],
-        check=True,
-        timeout=INSTALL_TIMEOUT_S,
-    )
 
 
 # wrk
@@ -491,7 +465,7 @@ def run(*, quick: bool, profile: bool) -> dict[str, Any]:
     """
     scale = QUICK if quick else FULL
     ensure_wrk()
-    ensure_asyncpg()
+    ensure_module("asyncpg", "asyncpg")
     py_spy = shutil.which("py-spy") if profile else None
     if profile and py_spy is None:
         progress("py-spy is not on PATH; skipping the server profiles")

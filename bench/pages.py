@@ -32,13 +32,12 @@ from typing import Any
 
 import lmdb
 
-from bench.report import progress
+from bench.tools import apt_install
 
 TAIL_COMMITS = 10
 """Commits at the end of a run whose pages are counted, trees at full size."""
 SECTOR_BYTES = 512
 MDB_STAT_TIMEOUT_S = 30.0
-INSTALL_TIMEOUT_S = 600.0
 _FREED = re.compile(r"Transaction (\d+), (\d+) pages")
 
 
@@ -47,13 +46,7 @@ def ensure_mdb_stat() -> str | None:
     found = shutil.which("mdb_stat")
     if found is not None or shutil.which("apt-get") is None:
         return found
-    progress("mdb_stat not found; installing Debian's lmdb-utils package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "lmdb-utils"],
-    ):
-        subprocess.run(argv, check=True, env=env, timeout=INSTALL_TIMEOUT_S)
+    apt_install("lmdb-utils")
     return shutil.which("mdb_stat")
 
 

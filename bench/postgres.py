@@ -26,11 +26,11 @@ from pathlib import Path
 
 from bench.processes import running
 from bench.report import progress
+from bench.tools import apt_install
 
 READY = re.compile(r"database system is ready to accept connections")
 START_TIMEOUT_S = 60.0
 INITDB_TIMEOUT_S = 120.0
-APT_TIMEOUT_S = 600.0
 SUPERUSER = "bench"
 
 
@@ -65,13 +65,7 @@ def ensure_installed() -> Path:
     bin_dir = find_bin_dir()
     if bin_dir is not None:
         return bin_dir
-    progress("PostgreSQL not found; installing Debian's postgresql package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "postgresql"],
-    ):
-        subprocess.run(argv, check=True, env=env, timeout=APT_TIMEOUT_S)
+    apt_install("postgresql")
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise RuntimeError(

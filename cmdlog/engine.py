@@ -165,6 +165,10 @@ class Engine:
         """Handler fingerprint per type, recorded when a type is first folded."""
         self.catalogued = catalogued or set()
         """Types whose fingerprint was recorded in an earlier transaction."""
+        self.rewinds = 0
+        """Rewinds that undid folded commands, not counting full re-folds."""
+        self.full_refolds = 0
+        """Full re-folds, started when a rewind would pass the undo horizon."""
 
     # client writes
 
@@ -387,6 +391,7 @@ class Engine:
             self._forget_outcome(batch, key)
             txn.folded_delete(key)
         if later:
+            self.rewinds += 1
             log.debug("fold_rewound", commands=len(later))
 
         replay = [
@@ -405,6 +410,7 @@ class Engine:
         arrival older than the undo horizon."""
         txn = batch.txn
         total = txn.count("folded") + len(fresh) - len(removed)
+        self.full_refolds += 1
         log.warning(
             "full_refold_started",
             commands=total,

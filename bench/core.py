@@ -90,7 +90,7 @@ def temp_dir(prefix: str) -> Iterator[Path]:
 # (a) durable append through Database.submit
 
 
-class _TimedEngine:
+class TimedEngine:
     """An engine wrapper that adds up the time spent inside write transactions."""
 
     def __init__(self, engine: Engine) -> None:
@@ -157,7 +157,7 @@ def measure_append(
             commits_total=-(-commands // BATCH_COMMANDS),
             mdb_stat=mdb_stat,
         )
-        timed = _TimedEngine(database.engine)
+        timed = TimedEngine(database.engine)
         database.engine = timed  # type: ignore[assignment]
         horizon = database.store.config.undo_horizon_commands
         rng = random.Random(seed)

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UNICODE_DATA := /usr/share/unicode/DerivedNormalizationProps.txt
 
-.PHONY: demo test test-quick lint unicode-data
+.PHONY: demo test test-quick lint unicode-data bench bench-quick bench-deps
 
 $(BIN)/cmdlog: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,13 @@ lint: $(BIN)/cmdlog
 	$(BIN)/ruff format --check cmdlog tests $(wildcard bench)
 	$(BIN)/ruff check cmdlog tests $(wildcard bench)
 	$(BIN)/mypy
+
+# The benchmark suite (bench/run.py); it starts and stops every server itself.
+bench-deps: $(BIN)/cmdlog
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+
+bench-quick: bench-deps
+	$(BIN)/python -m bench.run --quick
+
+bench: bench-deps
+	$(BIN)/python -m bench.run

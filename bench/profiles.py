@@ -71,11 +71,14 @@ APPEND_GROUPS: list[Group] = [
 REPLAY_GROUPS: list[Group] = [
     ("replay, all of it", [("replay.py", "replay")]),
     (
-        "Engine._ingest_one (dedupe, append, id put, route)",
-        [("engine.py", "_ingest_one")],
+        "pass 1: each ID's winning copy (scratch ID and order indexes)",
+        [("replay.py", "_find_winners")],
     ),
     ("codec.fingerprint (recomputed for every command)", [("codec.py", "fingerprint")]),
-    ("Engine._fold_in (fold, outcomes, undo records)", [("engine.py", "_fold_in")]),
+    (
+        "pass 2: fold the winners in canonical order",
+        [("replay.py", "_fold_winners")],
+    ),
     ("fold.apply_command (handler and state overlay)", [("fold.py", "apply_command")]),
     (
         "digest upkeep (blake2b of state, outcome and log items)",
@@ -85,10 +88,12 @@ REPLAY_GROUPS: list[Group] = [
             ("fold.py", "log_item_hash"),
         ],
     ),
-    ("HybridClock.horizon and observe", [("hlc.py", "horizon"), ("hlc.py", "observe")]),
     ("codec.pack (every msgpack encode)", [("codec.py", "pack")]),
     ("codec.unpack (every msgpack decode)", [("codec.py", "unpack")]),
-    ("reading the source log (Txn.log_iter)", [("store.py", "log_iter")]),
+    (
+        "reading the source log (Txn.log_iter, Txn.log_get)",
+        [("store.py", "log_iter"), ("store.py", "log_get")],
+    ),
     (
         "py-lmdb put, get, delete and pop (C)",
         [

@@ -34,10 +34,11 @@ import structlog
 from cmdlog import codec, fold
 from cmdlog.app import App
 from cmdlog.config import ClockConfig
+from cmdlog.errors import StartupError
 from cmdlog.fold import StateOverlay
 from cmdlog.hlc import HybridClock, wall_ms
 from cmdlog.model import Command, order_key
-from cmdlog.store import Store, seq_key
+from cmdlog.store import DirectoryLock, Store, seq_key
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +73,23 @@ def replay(path: Path | str, app: App) -> ReplayReport:
     """Fold the log in `path` into scratch state and compare digests.
 
     The node must be stopped. Raises `StartupError` when `path` holds no
-    store and `VersionMismatch` for a store of another format.
+    store or a running node holds it, and `VersionMismatch` for a store of
+    another format.
     """
     path = Path(path)
     started = time.monotonic()
-    source = Store(path, list(app.domains), readonly=True)
+    if not (path / "data.mdb").exists():
+        raise StartupError(
+            f"no cmdlog data in {path}; pass the --data directory of a node"
+        )
+    # Holding the node's lock makes sure the node is stopped: a live node
+    # would append to the log while it is read.
+    lock = DirectoryLock(path)
+    try:
+        source = Store(path, list(app.domains), readonly=True)
+    except BaseException:
+        lock.release()
+        raise
     scratch_dir = Path(tempfile.mkdtemp(prefix=".replay-", dir=path))
     try:
         with source.read() as txn:
@@ -98,6 +111,7 @@ def replay(path: Path | str, app: App) -> ReplayReport:
             scratch.close()
     finally:
         source.close()
+        lock.release()
         shutil.rmtree(scratch_dir, ignore_errors=True)
 
     report = ReplayReport(

@@ -32,6 +32,7 @@ go through `read()`, which also lets the writer grow the map: LMDB allows
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import threading
@@ -64,6 +65,7 @@ _DBS_MAX = 64
 DISK_FREE_BYTES_MIN = 16 * 1024 * 1024
 """Below this much free space, a failed write is reported as a full disk."""
 _EMPTY_LIST = codec.pack([])
+LOCK_FILE = "node.lock"
 T = TypeVar("T")
 
 
@@ -263,6 +265,10 @@ class Txn:
     def peer_put(self, url: str, info: dict[str, Any]) -> None:
         self.raw.put(url.encode(), codec.pack(info), db=self._dbs["peers"])
 
+    def peer_delete(self, url: str) -> bool:
+        """Forget a peer; return False if it was not stored."""
+        return bool(self.raw.delete(url.encode(), db=self._dbs["peers"]))
+
     def peers(self) -> dict[str, dict[str, Any]]:
         cursor = self.raw.cursor(db=self._dbs["peers"])
         return {key.decode(): codec.unpack(value) for key, value in cursor}
@@ -308,8 +314,44 @@ class Txn:
         return int(self.raw.stat(self._dbs[db_name])["entries"])
 
 
+class DirectoryLock:
+    """An exclusive lock on a data directory, held by the one process using it.
+
+    LMDB lets several processes write one environment in turn, but two nodes
+    on one directory would each keep their own clock and caches and corrupt
+    the fold. The lock is a `flock`, so the kernel drops it when its process
+    exits, SIGKILL included: no stale lock survives a crash.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_FILE
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            self.release()
+            raise StartupError(
+                f"the data directory {directory} is in use by another process "
+                f"(pid {holder or 'unknown'}); stop that node first, or give "
+                "this one its own --data directory"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Give the directory up; closing the file drops the lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
-    """An LMDB environment holding one node's log, indexes and state."""
+    """An LMDB environment holding one node's log, indexes and state.
+
+    A writable store holds the data directory's `DirectoryLock` until
+    `close`; a read-only one takes no lock.
+    """
 
     def __init__(
         self,
@@ -324,13 +366,22 @@ class Store:
         self.domains = list(domains)
         self._gate = _ReadGate()
         self._write_lock = threading.Lock()
+        self._lock: DirectoryLock | None = None
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = DirectoryLock(self.path)
         elif not (self.path / "data.mdb").exists():
             raise StartupError(
                 f"no cmdlog data in {self.path}; pass the --data directory of a node"
             )
+        try:
+            self._open(readonly=readonly)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
 
+    def _open(self, *, readonly: bool) -> None:
         map_bytes = self.config.map_bytes_initial
         data_file = self.path / "data.mdb"
         if data_file.exists():
@@ -361,7 +412,11 @@ class Store:
             self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
         for domain in self.domains:
             self._open_state_db(domain, create=not readonly)
-        self._check_format(readonly=readonly)
+        try:
+            self._check_format(readonly=readonly)
+        except BaseException:
+            self.env.close()
+            raise
 
     def _open_state_db(self, domain: str, *, create: bool) -> Any:
         name = (_STATE_PREFIX + domain).encode()
@@ -464,6 +519,8 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        if self._lock is not None:
+            self._lock.release()
 
 
 def remove_store_files(path: Path) -> None:

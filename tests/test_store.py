@@ -18,7 +18,7 @@ from cmdlog.apps.ledger import ledger
 from cmdlog.config import StoreConfig
 from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
-from cmdlog.errors import VersionMismatch
+from cmdlog.errors import StartupError, VersionMismatch
 from cmdlog.replay import replay
 from cmdlog.store import Store
 
@@ -169,3 +169,73 @@ def test_unknown_format_version_refused(tmp_path: Path) -> None:
         Store(tmp_path, ["ledger"])
     assert "99" in raised.value.message
     assert "version 1" in raised.value.message
+
+
+LOCK_HOLDER = """
+import sys, time
+from cmdlog.store import Store
+store = Store(sys.argv[1], ["ledger"])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_store_on_directory_refused(tmp_path: Path) -> None:
+    """A second writable store on one directory is refused, and the directory
+    is free again once the first is closed."""
+    first = Store(tmp_path, ["ledger"])
+    with pytest.raises(StartupError) as raised:
+        Store(tmp_path, ["ledger"])
+    assert "in use by another process" in raised.value.message
+    assert f"pid {os.getpid()}" in raised.value.message
+    first.close()
+    Store(tmp_path, ["ledger"]).close()
+
+
+def test_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    """A node killed with SIGKILL leaves a directory the next node can open."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"ready"
+        with pytest.raises(StartupError) as raised:
+            Store(tmp_path, ["ledger"])
+        assert f"pid {child.pid}" in raised.value.message
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+    Store(tmp_path, ["ledger"]).close()
+
+
+def test_replay_refused_while_node_open(tmp_path: Path) -> None:
+    """Replay refuses a directory a live node holds, and runs once it closes."""
+    db = Database(tmp_path, APP, store_config=StoreConfig(durable=False))
+    db.submit(
+        [
+            prepare_submission(
+                APP, "k", "ledger.open", {"account": "a", "currency": "EUR"}
+            )
+        ]
+    )
+    with pytest.raises(StartupError) as raised:
+        replay(tmp_path, APP)
+    assert "stop that node first" in raised.value.message
+    db.close()
+    assert replay(tmp_path, APP).matches
+
+
+def test_failed_open_releases_lock(tmp_path: Path) -> None:
+    """A store that fails to open (another format version) gives the lock back."""
+    store = Store(tmp_path, ["ledger"])
+    store.write(lambda txn: txn.meta_put("format_version", 99))
+    store.close()
+    with pytest.raises(VersionMismatch):
+        Store(tmp_path, ["ledger"])
+    with pytest.raises(VersionMismatch):
+        Store(tmp_path, ["ledger"])

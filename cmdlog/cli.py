@@ -54,6 +54,44 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report.matches else 1
 
 
+def _peers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cmdlog.errors import StartupError
+    from cmdlog.peering import normalize_url
+    from cmdlog.store import Store
+
+    if not (Path(args.data) / "data.mdb").exists():
+        raise StartupError(
+            f"no cmdlog data in {args.data}; pass the --data directory of a node"
+        )
+    # A writable store takes the directory's lock, so this fails with an
+    # error next to a live node, whose pullers would write the record back.
+    store = Store(args.data, [])
+    try:
+        with store.read() as txn:
+            stored = txn.peers()
+        if args.forget is None:
+            for url, record in sorted(stored.items()):
+                node = record.get("node") or "-"
+                print(f"{url}  node={node}  cursor={record.get('cursor', 0)}")
+            return 0
+        url = normalize_url(args.forget)
+        if url not in stored:
+            known = ", ".join(sorted(stored)) or "none"
+            print(
+                f"cmdlog: {url} is not a stored peer of {args.data} (stored: "
+                f"{known}); pass one of those URLs",
+                file=sys.stderr,
+            )
+            return 1
+        store.write(lambda txn: txn.peer_delete(url))
+        print(f"forgot {url}")
+        return 0
+    finally:
+        store.close()
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CMDLOG_{name}", default)
 
@@ -348,6 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"MODULE:ATTR of the app (default {DEFAULT_APP})",
     )
     handlers.set_defaults(run=_handlers)
+
+    peers = commands.add_parser(
+        "peers",
+        help="list a stopped node's stored peers, or forget one",
+        description="With the node stopped: list the peers stored in its data "
+        "directory (configured with --peer or learned from announcements), or "
+        "with --forget URL remove one, for example a node taken out of the "
+        "cluster. Drop the URL from every node's --peer flags too; a node that "
+        "still runs and pulls from this one announces itself again.",
+    )
+    peers.add_argument("--data", required=True, help="the node's data directory")
+    peers.add_argument("--forget", metavar="URL", help="the peer URL to remove")
+    peers.set_defaults(run=_peers)
 
     status = commands.add_parser(
         "status", help="show a readable view of a node's /status"

@@ -46,7 +46,7 @@ from bench.systems import (
     started_system,
 )
 from bench.tools import apt_install, ensure_module
-from bench.workload import ACCOUNTS
+from bench.workload import ACCOUNTS, FULL_LOAD, QUICK_LOAD, LoadScale
 
 SINGLE_SCRIPT = "bench/wrk/single.lua"
 BATCH_SCRIPT = "bench/wrk/batch.lua"
@@ -73,17 +73,6 @@ RETRY_SEED = 1
 """Thread i of a retry run seeds its random generator with RETRY_SEED + i."""
 RETRY_WINDOW = 1_000
 """A retry resends one of its thread's last RETRY_WINDOW new requests."""
-
-
-@dataclass(frozen=True, slots=True)
-class Scale:
-    rounds: int
-    duration_s: int
-    warmup_s: int
-
-
-FULL = Scale(rounds=3, duration_s=10, warmup_s=2)
-QUICK = Scale(rounds=1, duration_s=3, warmup_s=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +155,7 @@ class Measurement:
 class Context:
     """The scale, scratch space and report notes shared by every measurement."""
 
-    scale: Scale
+    scale: LoadScale
     scratch: Path
     cluster: Cluster
     commands: dict[str, str]
@@ -463,7 +452,7 @@ def run(*, quick: bool, profile: bool) -> dict[str, Any]:
     the batches. "sweep" and "retries" are lists of `sweep_row` and
     `retry_row` dicts.
     """
-    scale = QUICK if quick else FULL
+    scale = QUICK_LOAD if quick else FULL_LOAD
     ensure_wrk()
     ensure_module("asyncpg", "asyncpg")
     py_spy = shutil.which("py-spy") if profile else None

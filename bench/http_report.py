@@ -281,31 +281,40 @@ def _ms_2(values: list[int]) -> str:
     return spread([value / 1000 for value in values], "{:,.2f}")
 
 
-def sweep_series(
-    results: dict[str, Any],
-) -> dict[str, list[tuple[int, float, float, float]]]:
-    """Return each system's sweep as `(connections, requests/s, p50 µs, p99 µs)`.
+def _median_series(rows: list[dict[str, Any]], x: str) -> dict[str, list[list[float]]]:
+    """Reduce rows to `[x, requests/s, p50 µs, p99 µs]` medians per system and x.
 
-    Each value is the median over the rounds. Points are sorted by
-    connections, and systems keep the order in which they were measured.
+    Points are sorted by x, and systems keep the order in which they were
+    measured.
     """
-    rows: list[dict[str, Any]] = results["sweep"]
-    series: dict[str, list[tuple[int, float, float, float]]] = {}
+    series: dict[str, list[list[float]]] = {}
     for system in _in_order(rows, "system"):
         of_system = [row for row in rows if row["system"] == system]
         points = []
-        for connections in sorted({row["connections"] for row in of_system}):
-            found = [row for row in of_system if row["connections"] == connections]
+        for value in sorted({row[x] for row in of_system}):
+            found = [row for row in of_system if row[x] == value]
             points.append(
-                (
-                    connections,
+                [
+                    value,
                     median(row["requests_per_s"] for row in found),
                     median(row["p50_us"] for row in found),
                     median(row["p99_us"] for row in found),
-                )
+                ]
             )
         series[system] = points
     return series
+
+
+def sweep_series(results: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """Return each system's sweep as `[connections, requests/s, p50 µs, p99 µs]`,
+    medians over the rounds."""
+    return _median_series(results["sweep"], "connections")
+
+
+def retry_series(results: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """Return each system's retry runs as `[duplicate share, requests/s, p50 µs,
+    p99 µs]`, medians over the rounds."""
+    return _median_series(results["retries"], "duplicate_share")
 
 
 def render_sweep(results: dict[str, Any]) -> str:

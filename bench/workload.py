@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from cmdlog.app import App
@@ -21,6 +22,19 @@ BATCH_COMMANDS = 1_000
 DEPOSIT_SHARE = 0.5
 DEPOSIT_AMOUNT = 1_000
 CHARGE_AMOUNT_MAX = 500
+
+
+@dataclass(frozen=True, slots=True)
+class LoadScale:
+    """Rounds and timing of a load benchmark that measures for a fixed time."""
+
+    rounds: int
+    duration_s: int
+    warmup_s: int
+
+
+FULL_LOAD = LoadScale(rounds=3, duration_s=10, warmup_s=2)
+QUICK_LOAD = LoadScale(rounds=1, duration_s=3, warmup_s=1)
 
 RawCommand = tuple[str, str, dict[str, Any]]
 """A command as a client sends it: `(idempotency key, type, payload)`."""

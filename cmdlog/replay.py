@@ -72,9 +72,9 @@ class ReplayReport:
 def replay(path: Path | str, app: App) -> ReplayReport:
     """Fold the log in `path` into scratch state and compare digests.
 
-    The node must be stopped. Raises `StartupError` when `path` holds no
-    store or a running node holds it, and `VersionMismatch` for a store of
-    another format.
+    The node must be stopped. Raises `StartupError` when `path` contains no
+    store or a running node has its lock, and `VersionMismatch` for a store
+    of another format.
     """
     path = Path(path)
     started = time.monotonic()

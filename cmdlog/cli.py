@@ -57,14 +57,11 @@ def _replay(args: argparse.Namespace) -> int:
 def _peers(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cmdlog.errors import StartupError
     from cmdlog.peering import normalize_url
-    from cmdlog.store import Store
+    from cmdlog.store import Store, require_store
 
-    if not (Path(args.data) / "data.mdb").exists():
-        raise StartupError(
-            f"no cmdlog data in {args.data}; pass the --data directory of a node"
-        )
+    # Store would create a missing directory; peers only edits existing ones.
+    require_store(Path(args.data))
     # A writable store takes the directory's lock, so this fails with an
     # error next to a live node, whose pullers would write the record back.
     store = Store(args.data, [])

@@ -34,11 +34,10 @@ import structlog
 from cmdlog import codec, fold
 from cmdlog.app import App
 from cmdlog.config import ClockConfig
-from cmdlog.errors import StartupError
 from cmdlog.fold import StateOverlay
 from cmdlog.hlc import HybridClock, wall_ms
 from cmdlog.model import Command, order_key
-from cmdlog.store import DirectoryLock, Store, seq_key
+from cmdlog.store import DirectoryLock, Store, require_store, seq_key
 
 log = structlog.get_logger(__name__)
 
@@ -78,10 +77,7 @@ def replay(path: Path | str, app: App) -> ReplayReport:
     """
     path = Path(path)
     started = time.monotonic()
-    if not (path / "data.mdb").exists():
-        raise StartupError(
-            f"no cmdlog data in {path}; pass the --data directory of a node"
-        )
+    require_store(path)
     # Holding the node's lock makes sure the node is stopped: a live node
     # would append to the log while it is read.
     lock = DirectoryLock(path)

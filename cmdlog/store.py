@@ -69,6 +69,14 @@ LOCK_FILE = "node.lock"
 T = TypeVar("T")
 
 
+def require_store(path: Path) -> None:
+    """Raise `StartupError` unless `path` contains a store."""
+    if not (path / "data.mdb").exists():
+        raise StartupError(
+            f"no cmdlog data in {path}; pass the --data directory of a node"
+        )
+
+
 def seq_key(seq: int) -> bytes:
     return seq.to_bytes(SEQ_BYTES, "big")
 
@@ -370,10 +378,8 @@ class Store:
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = DirectoryLock(self.path)
-        elif not (self.path / "data.mdb").exists():
-            raise StartupError(
-                f"no cmdlog data in {self.path}; pass the --data directory of a node"
-            )
+        else:
+            require_store(self.path)
         try:
             self._open(readonly=readonly)
         except BaseException:

@@ -63,7 +63,7 @@ def test_peers_forget_unknown_url(
     assert len(stored_peers(data_dir)) == 2
 
 
-def test_peers_refused_while_node_runs(
+def test_peers_rejected_while_node_runs(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     live = Store(data_dir, ["ledger"])

@@ -180,8 +180,8 @@ time.sleep(60)
 """
 
 
-def test_second_store_on_directory_refused(tmp_path: Path) -> None:
-    """A second writable store on one directory is refused, and the directory
+def test_second_store_on_directory_rejected(tmp_path: Path) -> None:
+    """A second writable store on one directory is rejected, and the directory
     is free again once the first is closed."""
     first = Store(tmp_path, ["ledger"])
     with pytest.raises(StartupError) as raised:
@@ -213,8 +213,8 @@ def test_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     Store(tmp_path, ["ledger"]).close()
 
 
-def test_replay_refused_while_node_open(tmp_path: Path) -> None:
-    """Replay refuses a directory a live node holds, and runs once it closes."""
+def test_replay_rejected_while_node_open(tmp_path: Path) -> None:
+    """Replay rejects a directory locked by a live node, and runs once it closes."""
     db = Database(tmp_path, APP, store_config=StoreConfig(durable=False))
     db.submit(
         [

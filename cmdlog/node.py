@@ -30,7 +30,6 @@ from cmdlog.engine import Accepted, Status, Submission
 from cmdlog.errors import KeyReused
 from cmdlog.model import Command, Outcome
 from cmdlog.peering import CommitSignal, Peers
-from cmdlog.store import Txn
 from cmdlog.writer import Writer
 
 log = structlog.get_logger(__name__)
@@ -125,16 +124,7 @@ class Node:
         self, submissions: Sequence[Submission]
     ) -> list[Accepted | KeyReused]:
         """Commit the submissions durably and return each one's result."""
-        items = list(submissions)
-        engine = self.database.engine
-
-        def work(txn: Txn) -> list[Accepted | KeyReused]:
-            return engine.submit(txn, items)
-
-        result: list[Accepted | KeyReused] = await self.writer.run(
-            work, size=len(items)
-        )
-        return result
+        return await self.writer.submit(list(submissions))
 
     def view(self, command_id: str) -> tuple[Command, Outcome] | None:
         return self.database.view(command_id)

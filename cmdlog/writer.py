@@ -4,9 +4,12 @@ Async callers queue jobs and await futures. The thread takes the first
 waiting job, drains every other job already queued (up to
 `batch_commands_max` commands), runs them all in one LMDB write transaction
 and commits once with a sync, so a thousand concurrent writers cost one
-disk flush instead of a thousand. A caller's future resolves only after the
-commit that holds its command has synced; if the commit fails, every job in
-it fails with the same error and nothing of theirs is stored.
+disk flush instead of a thousand. Client submissions that follow each other
+in the queue go to the engine as one list, so the per-call setup (digests,
+last sequence number, state overlay) is paid once per group, not once per
+request. A caller's future resolves only after the commit that holds its
+command has synced; if the commit fails, every job in it fails with the
+same error and nothing of theirs is stored.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import structlog
 
 from cmdlog.config import WriterConfig
 from cmdlog.database import Database
-from cmdlog.errors import Overloaded, ShuttingDown
+from cmdlog.engine import Accepted, Submission
+from cmdlog.errors import KeyReused, Overloaded, ShuttingDown
 from cmdlog.store import Txn
 
 log = structlog.get_logger(__name__)
@@ -34,10 +38,12 @@ RELEASE_INTERVAL_S = 1.0
 
 @dataclass(slots=True)
 class _Job:
-    work: Callable[[Txn], Any]
+    work: Callable[[Txn], Any] | None
+    """What to run in the transaction; None for a job of `submissions`."""
     size: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    submissions: list[Submission] | None = None
     result: Any = None
     error: BaseException | None = None
     queued_at: float = field(default_factory=time.monotonic)
@@ -74,10 +80,25 @@ class Writer:
         Raises `Overloaded` when the queue is full, `ShuttingDown` after
         `stop`, and whatever the commit raised.
         """
+        return await self._enqueue(work, size, None)
+
+    async def submit(self, submissions: list[Submission]) -> list[Accepted | KeyReused]:
+        """Run `Engine.submit` on `submissions` in the next group commit."""
+        results: list[Accepted | KeyReused] = await self._enqueue(
+            None, len(submissions), submissions
+        )
+        return results
+
+    async def _enqueue(
+        self,
+        work: Callable[[Txn], Any] | None,
+        size: int,
+        submissions: list[Submission] | None,
+    ) -> Any:
         if self._stopping:
             raise ShuttingDown("the node is shutting down; retry on another node")
         loop = asyncio.get_running_loop()
-        job = _Job(work, size, loop, loop.create_future())
+        job = _Job(work, size, loop, loop.create_future(), submissions)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -130,12 +151,8 @@ class Writer:
         return jobs, False
 
     def _commit(self, jobs: list[_Job]) -> None:
-        def work(txn: Txn) -> None:
-            for job in jobs:
-                job.result = job.work(txn)
-
         try:
-            self.database.store.write(work)
+            self.database.store.write(lambda txn: self._run_jobs(txn, jobs))
         except Exception as exc:  # every job in the failed commit gets the error
             log.error("commit_failed", jobs=len(jobs), error=str(exc), exc_info=exc)
             for job in jobs:
@@ -151,6 +168,28 @@ class Writer:
             by_loop.setdefault(job.loop, []).append(job)
         for loop, group in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, group)
+
+    def _run_jobs(self, txn: Txn, jobs: list[_Job]) -> None:
+        """Run the jobs in queue order, each run of submissions in one call."""
+        run: list[_Job] = []
+        for job in jobs:
+            if job.work is None:
+                run.append(job)
+                continue
+            self._submit_run(txn, run)
+            job.result = job.work(txn)
+        self._submit_run(txn, run)
+
+    def _submit_run(self, txn: Txn, run: list[_Job]) -> None:
+        if not run:
+            return
+        items = [item for job in run for item in job.submissions or ()]
+        results = self.database.engine.submit(txn, items)
+        start = 0
+        for job in run:
+            job.result = results[start : start + job.size]
+            start += job.size
+        run.clear()
 
     def _release_pending(self) -> None:
         try:

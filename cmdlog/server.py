@@ -21,6 +21,7 @@ from aiohttp import web
 from cmdlog.app import App
 from cmdlog.errors import StartupError
 from cmdlog.http_api import LIMITS, Limits, create_app
+from cmdlog.logs import ACCESS_FLUSH_INTERVAL_S, flush_logs
 from cmdlog.metrics import GaugeValue, Metrics
 from cmdlog.node import Node, NodeConfig
 
@@ -73,9 +74,11 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._limits: Limits | None = None
+        self._log_flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.node.start()
+        self._log_flusher = asyncio.create_task(_flush_access_logs())
         web_app = create_app(self.node, self.metrics)
         runner = web.AppRunner(
             web_app,
@@ -214,6 +217,8 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.node.stop()
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
         log.info("server_stopped")
 
     async def serve_until_signalled(self) -> None:
@@ -228,3 +233,9 @@ class Server:
         await stop.wait()
         log.info("shutdown_signalled")
         await self.stop()
+
+
+async def _flush_access_logs() -> None:
+    while True:
+        await asyncio.sleep(ACCESS_FLUSH_INTERVAL_S)
+        flush_logs()

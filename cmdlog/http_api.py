@@ -45,12 +45,14 @@ from cmdlog.errors import (
     UnknownCommandType,
     ValidationError,
 )
+from cmdlog.logs import ACCESS_LOGGER
 from cmdlog.metrics import Metrics
 from cmdlog.model import command_view, parse_key
 from cmdlog.node import Node
 from cmdlog.peering import serve_stream
 
 log = structlog.get_logger(__name__)
+access_log = structlog.get_logger(ACCESS_LOGGER)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE = web.AppKey("node", Node)
@@ -132,11 +134,11 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
     duration_s = time.monotonic() - started
     route = _route_name(request)
-    metrics = request.app[METRICS]
-    metrics.http_requests.labels(request.method, route, str(response.status)).inc()
-    metrics.http_latency.labels(route).observe(duration_s)
+    request.app[METRICS].observe_request(
+        request.method, route, response.status, duration_s
+    )
     if request.path != "/replicate":
-        log.info(
+        access_log.info(
             "request_handled",
             method=request.method,
             path=request.path,

@@ -8,6 +8,7 @@ at scrape time by a collector, so they cannot drift from the truth.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,7 +25,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0
 )  # fmt: skip
-
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 GaugeValue = float | list[tuple[dict[str, str], float]]
 """One value, or (labels, value) pairs for a labelled gauge."""
@@ -76,6 +79,26 @@ class Metrics:
         self.commits = Counter(
             "cmdlog_commits", "Durable group commits", registry=self.registry
         )
+        # labels() costs more than the update itself, so each request's
+        # children are looked up once and kept.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe_request(
+        self, method: str, route: str, status: int, duration_s: float
+    ) -> None:
+        """Count one handled request and record its duration."""
+        if method not in HTTP_METHODS:
+            method = "other"  # a client picks the method, so keep the label set small
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_latency.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def add_gauges(self, read: Callable[[], dict[str, tuple[str, GaugeValue]]]) -> None:
         """Register a function returning `{name: (help, value)}` read at scrape time."""

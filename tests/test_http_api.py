@@ -1360,3 +1360,28 @@ async def test_metrics_prometheus_text(
     assert re.search(r"^# TYPE cmdlog_\w+ (counter|gauge|histogram)$", text, re.M)
     assert re.search(r"^cmdlog_commands \d", text, re.M), text[:500]
     assert re.search(r"^cmdlog_http_requests_total\{", text, re.M), text[:500]
+
+
+async def test_metrics_unknown_method_label(
+    api_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    """Requests are counted by method, route and status; other methods as 'other'."""
+    for _ in range(2):
+        await get(session, api_node, "/healthz")
+    async with session.request("PROPFIND", api_node.url + "/healthz") as response:
+        propfind_status = response.status
+
+    async with session.get(api_node.url + "/metrics") as response:
+        text = await response.text()
+
+    healthz = re.search(
+        r'^cmdlog_http_requests_total\{method="GET",route="/healthz",status="200"\} '
+        r"(\S+)$",
+        text,
+        re.M,
+    )
+    assert healthz is not None, text[:2000]
+    assert float(healthz.group(1)) >= 2
+    assert propfind_status == 405
+    assert re.search(r'method="other",route="[^"]+",status="405"', text), text[:2000]
+    assert "PROPFIND" not in text

@@ -121,6 +121,22 @@ class _Batch:
         self.ids[command.id] = entry
         self.txn.id_put(command.id, seq, fingerprint, command.stamp, command.origin)
 
+    def claim(self, command: Command, fingerprint: bytes) -> int | None:
+        """Append `command` and give it its ID, unless the ID is taken.
+
+        Returns the new log sequence number, or None when the ID is stored.
+        """
+        if self.ids.get(command.id) is not None:
+            return None
+        seq = self.last_seq + 1
+        if not self.txn.id_put(
+            command.id, seq, fingerprint, command.stamp, command.origin, overwrite=False
+        ):
+            return None
+        self.ids[command.id] = [seq, fingerprint, command.stamp, command.origin]
+        self.append(command)
+        return seq
+
     def append(self, command: Command) -> int:
         self.last_seq += 1
         self.txn.log_append(self.last_seq, command.to_record())
@@ -185,23 +201,25 @@ class Engine:
         results: list[Accepted | KeyReused | str] = []
         fresh: list[_Entry] = []
         for submission in submissions:
-            existing = batch.id_get(submission.id)
-            if existing is None:
-                command = Command(
-                    submission.id,
-                    submission.type,
-                    submission.payload,
-                    self.clock.now(),
-                    self.node_id,
-                )
-                seq = batch.append(command)
-                batch.id_put(command, seq, submission.fingerprint)
+            # A retry costs a clock tick here, which no order depends on.
+            command = Command(
+                submission.id,
+                submission.type,
+                submission.payload,
+                self.clock.now(),
+                self.node_id,
+            )
+            seq = batch.claim(command, submission.fingerprint)
+            if seq is not None:
                 batch.log_digest += fold.log_item_hash(
                     command.id, submission.fingerprint
                 )
                 fresh.append(_Entry(command.order_key, seq, command))
                 results.append(submission.id)
-            elif existing[1] == submission.fingerprint:
+                continue
+            existing = batch.id_get(submission.id)
+            assert existing is not None, f"ID {submission.id} is taken but not stored"
+            if existing[1] == submission.fingerprint:
                 results.append(submission.id)
             else:
                 results.append(self._key_reused(batch, submission))

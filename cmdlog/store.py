@@ -168,10 +168,25 @@ class Txn:
         return None if data is None else codec.unpack(data)
 
     def id_put(
-        self, command_id: str, seq: int, fingerprint: bytes, stamp: int, origin: str
-    ) -> None:
+        self,
+        command_id: str,
+        seq: int,
+        fingerprint: bytes,
+        stamp: int,
+        origin: str,
+        *,
+        overwrite: bool = True,
+    ) -> bool:
+        """Store the ID's entry; with `overwrite=False`, only if the ID is new.
+
+        Returns whether the entry was stored. One put with `overwrite=False`
+        costs one tree descent, where a get and then a put cost two.
+        """
         value = codec.pack([seq, fingerprint, stamp, origin])
-        self.raw.put(command_id.encode(), value, db=self._dbs["ids"])
+        stored: bool = self.raw.put(
+            command_id.encode(), value, db=self._dbs["ids"], overwrite=overwrite
+        )
+        return stored
 
     # folded commands and their outcomes
 

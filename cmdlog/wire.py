@@ -88,6 +88,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# json.loads with options builds a new decoder on every call; this one is reused.
+_JSON_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+)
+
+
 def _decode_json(data: bytes) -> Any:
     # The standard library parser keeps big integers exact (faster parsers
     # turn them into floats), so `check_value` can reject them by range.
@@ -98,9 +104,7 @@ def _decode_json(data: bytes) -> Any:
             f"body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON"
         ) from exc
     try:
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-        )
+        return _JSON_DECODER.decode(text)
     except ValueError as exc:  # JSONDecodeError, or an integer too long to parse
         raise MalformedBody(f"body is not valid JSON: {exc}") from exc
     except RecursionError as exc:

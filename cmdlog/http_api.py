@@ -17,6 +17,7 @@ writer thread serializes them anyway.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import time
 import urllib.parse
@@ -298,18 +299,18 @@ async def post_command(request: web.Request) -> web.Response:
     except UnknownCommandType as error:
         peer_url = _peer_serving(node, error.type_name)
         if peer_url is None:
-            metrics.commands.labels("invalid").inc()
+            metrics.count_commands("invalid")
             raise
-        metrics.commands.labels("redirected").inc()
+        metrics.count_commands("redirected")
         raise web.HTTPTemporaryRedirect(peer_url + "/commands") from error
     except ClientError:
-        metrics.commands.labels("invalid").inc()
+        metrics.count_commands("invalid")
         raise
     request["command_id"] = submission.id
 
     result = (await node.submit([submission]))[0]
     if isinstance(result, KeyReused):
-        metrics.commands.labels("key_reused").inc()
+        metrics.count_commands("key_reused")
         raise result
     return _accepted_response(request, result, metrics)
 
@@ -327,10 +328,10 @@ def _accepted_response(
 ) -> web.Response:
     view = command_view(result.command, result.outcome)
     if result.created:
-        metrics.commands.labels("created").inc()
+        metrics.count_commands("created")
         location = "/commands/" + urllib.parse.quote(result.command.id, safe="")
         return respond(request, view, 201, {"Location": location})
-    metrics.commands.labels("replayed").inc()
+    metrics.count_commands("replayed")
     return respond(request, view, 200, {"Idempotent-Replayed": "true"})
 
 
@@ -375,28 +376,31 @@ async def post_batch(request: web.Request) -> web.Response:
             )
             results.append(None)
         except ClientError as error:
-            metrics.commands.labels("invalid").inc()
+            metrics.count_commands("invalid")
             results.append((error.status, error_body(error)))
 
     committed = iter(await node.submit(submissions)) if submissions else iter(())
     answers = []
+    counts = collections.Counter[str]()
     for slot in results:
         if slot is not None:
             answers.append({"status": slot[0], "body": slot[1]})
             continue
         result = next(committed)
         if isinstance(result, KeyReused):
-            metrics.commands.labels("key_reused").inc()
+            counts["key_reused"] += 1
             answers.append({"status": result.status, "body": error_body(result)})
             continue
         created = result.created
-        metrics.commands.labels("created" if created else "replayed").inc()
+        counts["created" if created else "replayed"] += 1
         answers.append(
             {
                 "status": 201 if created else 200,
                 "body": command_view(result.command, result.outcome),
             }
         )
+    for name, count in counts.items():
+        metrics.count_commands(name, count)
     return respond(request, {"results": answers})
 
 

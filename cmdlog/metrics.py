@@ -25,6 +25,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0
 )  # fmt: skip
+COMMAND_RESULTS = ("created", "replayed", "key_reused", "invalid", "redirected")
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -71,17 +72,23 @@ class Metrics:
         )
         self.commands = Counter(
             "cmdlog_client_commands",
-            "Client commands by result: created, replayed, key_reused, invalid, "
-            "redirected",
+            "Client commands by result: " + ", ".join(COMMAND_RESULTS),
             ["result"],
             registry=self.registry,
         )
+        self._command_results = {
+            result: self.commands.labels(result) for result in COMMAND_RESULTS
+        }
         self.commits = Counter(
             "cmdlog_commits", "Durable group commits", registry=self.registry
         )
         # labels() costs more than the update itself, so each request's
         # children are looked up once and kept.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def count_commands(self, result: str, count: int = 1) -> None:
+        """Count client commands by result, one of `COMMAND_RESULTS`."""
+        self._command_results[result].inc(count)
 
     def observe_request(
         self, method: str, route: str, status: int, duration_s: float

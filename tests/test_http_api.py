@@ -1385,3 +1385,59 @@ async def test_metrics_unknown_method_label(
     assert propfind_status == 405
     assert re.search(r'method="other",route="[^"]+",status="405"', text), text[:2000]
     assert "PROPFIND" not in text
+
+
+def command_counts(text: str) -> dict[str, float]:
+    """Read `cmdlog_client_commands_total` by result from /metrics text."""
+    found = re.findall(
+        r'^cmdlog_client_commands_total\{result="(\w+)"\} (\S+)$', text, re.M
+    )
+    return {result: float(value) for result, value in found}
+
+
+async def test_metrics_count_batch_results(
+    api_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    """A batch counts each item once under its result."""
+    account = unique("counted")
+    keys = [unique(f"counted{index}") for index in range(3)]
+    first = [batch_item(keys[0], open_command(account))]
+    await send(
+        session,
+        "POST",
+        api_node.url + "/commands/batch",
+        body=JSON_ENCODING.pack(first),
+        headers=JSON_ENCODING.headers(),
+    )
+    async with session.get(api_node.url + "/metrics") as response:
+        before = command_counts(await response.text())
+    items = [
+        batch_item(keys[0], open_command(account)),
+        batch_item(keys[1], deposit_command(account, 5)),
+        batch_item(keys[2], deposit_command(account, 6)),
+        batch_item(keys[1], deposit_command(account, 7)),
+        batch_item(unique("bad"), {"type": "ledger.deposit", "payload": "five"}),
+    ]
+
+    reply = await send(
+        session,
+        "POST",
+        api_node.url + "/commands/batch",
+        body=JSON_ENCODING.pack(items),
+        headers=JSON_ENCODING.headers(),
+    )
+    async with session.get(api_node.url + "/metrics") as response:
+        after = command_counts(await response.text())
+
+    assert reply.status == 200, reply.body
+    assert [item["status"] for item in reply.body["results"]] == [
+        200, 201, 201, 422, 400,
+    ]  # fmt: skip
+    added = {result: after[result] - before.get(result, 0.0) for result in after}
+    assert added == {
+        "created": 2,
+        "replayed": 1,
+        "key_reused": 1,
+        "invalid": 1,
+        "redirected": 0,
+    }

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -44,8 +44,7 @@ CLOCK_SKEW = "clock_skew"
 REFOLD_CHUNK_COMMANDS = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
+class Submission(NamedTuple):
     """A validated client write, ready to be stamped and appended."""
 
     id: str
@@ -54,8 +53,7 @@ class Submission:
     fingerprint: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(NamedTuple):
     """The result of one submission: the stored command and its outcome now."""
 
     command: Command

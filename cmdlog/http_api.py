@@ -46,14 +46,13 @@ from cmdlog.errors import (
     UnknownCommandType,
     ValidationError,
 )
-from cmdlog.logs import ACCESS_LOGGER
+from cmdlog.logs import log_request
 from cmdlog.metrics import Metrics
 from cmdlog.model import command_view, parse_key
 from cmdlog.node import Node
 from cmdlog.peering import serve_stream
 
 log = structlog.get_logger(__name__)
-access_log = structlog.get_logger(ACCESS_LOGGER)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE = web.AppKey("node", Node)
@@ -139,13 +138,12 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         request.method, route, response.status, duration_s
     )
     if request.path != "/replicate":
-        access_log.info(
-            "request_handled",
-            method=request.method,
-            path=request.path,
-            status=response.status,
-            duration_ms=round(duration_s * 1000, 2),
-            command_id=request.get("command_id"),
+        log_request(
+            request.method,
+            request.path,
+            response.status,
+            round(duration_s * 1000, 2),
+            request.get("command_id"),
         )
     return response
 

@@ -5,10 +5,12 @@ stderr. aiohttp and the standard library log through `logging`; their
 records go through the same renderer, so one stream carries every event in
 one format.
 
-The per-request access line (logger `cmdlog.access`) is the only event on
-the hot path, and a write per request cost about a tenth of the event
-loop's time under load. So when stderr is not a terminal, access lines are
-buffered. The next other event writes them, or `flush_logs`, which the
+The per-request access line (`log_request`) is the only event on the hot
+path. In JSON mode it is rendered directly, with the same fields in the
+same order as structlog would write them, because structlog's processor
+chain cost about 6% of the event loop's time under load. A write per
+request cost about a tenth more, so when stderr is not a terminal, access
+lines are buffered. The next other event writes them, or `flush_logs`, which the
 server calls every `ACCESS_FLUSH_INTERVAL_S`. Every other event is written
 at once, after the access lines before it, so the stream stays in order. A
 node killed with SIGKILL loses at most the access lines of that interval.
@@ -21,6 +23,7 @@ import io
 import logging
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 import orjson
@@ -57,8 +60,8 @@ class _Stream:
             self._text = sys.stderr
             self._buffered = False
 
-    def write(self, line: str, *, access: bool) -> None:
-        data = line.encode() + b"\n"
+    def write(self, line: str | bytes, *, access: bool) -> None:
+        data = (line if isinstance(line, bytes) else line.encode()) + b"\n"
         with self._lock:
             self._pending += data
             if access and self._buffered and len(self._pending) < _BUFFER_BYTES:
@@ -109,6 +112,49 @@ class _TextAdapter(io.TextIOBase):
 
 
 _stream: _Stream | None = None
+_requests_as_json = False
+"""True when `log_request` renders lines itself: JSON output at info level."""
+_access_log = structlog.get_logger(ACCESS_LOGGER)
+_second = -1
+_second_text = ""
+
+
+def log_request(
+    method: str, path: str, status: int, duration_ms: float, command_id: str | None
+) -> None:
+    """Log one handled request as a `request_handled` event."""
+    if not _requests_as_json or _stream is None:
+        _access_log.info(
+            "request_handled",
+            method=method,
+            path=path,
+            status=status,
+            duration_ms=duration_ms,
+            command_id=command_id,
+        )
+        return
+    event = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": duration_ms,
+        "command_id": command_id,
+        "event": "request_handled",
+        "level": "info",
+        "timestamp": _utc_timestamp(),
+    }
+    _stream.write(orjson.dumps(event, default=repr), access=True)
+
+
+def _utc_timestamp() -> str:
+    """Return the time as ISO 8601 UTC with microseconds, like structlog's."""
+    global _second, _second_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second
+    return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
 
 
 def flush_logs() -> None:
@@ -129,9 +175,10 @@ def _logger_factory(stream: _Stream) -> Any:
 
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Send structlog and stdlib logging to stderr, as JSON unless on a terminal."""
-    global _stream
+    global _stream, _requests_as_json
     if json is None:
         json = not sys.stderr.isatty()
+    _requests_as_json = json and _LEVELS[level] <= logging.INFO
     if _stream is not None:
         _stream.flush()
     _stream = _Stream()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -16,20 +17,24 @@ from tests.nodes import NodeProcess
 # size of stderr's file before the warning, after it, and after a flush.
 _SCRIPT = """
 import os, sys, structlog
-from cmdlog.logs import ACCESS_LOGGER, configure_logging, flush_logs
+from cmdlog.logs import configure_logging, flush_logs, log_request
 configure_logging("info")
-access = structlog.get_logger(ACCESS_LOGGER)
 other = structlog.get_logger("cmdlog.test")
 size = lambda: os.fstat(2).st_size
 for n in range(3):
-    access.info("request_handled", n=n)
+    log_request("POST", "/commands", 201, 1.5, f"key-{n}")
 before_warning = size()
 other.warning("something_failed")
 after_warning = size()
-access.info("request_handled", n=3)
+log_request("GET", "/healthz", 200, 0.1, None)
 flush_logs()
 print(before_warning, after_warning, size())
 """
+REQUEST_FIELDS = [
+    "method", "path", "status", "duration_ms", "command_id", "event", "level",
+    "timestamp",
+]  # fmt: skip
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
 def run_script(tmp_path: Path) -> tuple[list[int], list[dict[str, object]]]:
@@ -58,7 +63,14 @@ def test_access_lines_wait_for_next_event(tmp_path: Path) -> None:
         "something_failed",
         "request_handled",
     ]
-    assert [line.get("n") for line in lines] == [0, 1, 2, None, 3]
+    assert [line.get("command_id") for line in lines] == [
+        "key-0", "key-1", "key-2", None, None,
+    ]  # fmt: skip
+    assert list(lines[0]) == REQUEST_FIELDS
+    assert lines[0]["status"] == 201
+    assert lines[0]["level"] == "info"
+    assert TIMESTAMP.fullmatch(str(lines[0]["timestamp"]))
+    assert TIMESTAMP.fullmatch(str(lines[3]["timestamp"]))
 
 
 def test_access_lines_reach_log_without_other_events(
@@ -77,6 +89,7 @@ def test_access_lines_reach_log_without_other_events(
         handled = [event for event in events if event["event"] == "request_handled"]
 
     assert len(handled) == 3
+    assert list(handled[0]) == REQUEST_FIELDS
     assert {event["path"] for event in handled} == {"/healthz"}
     assert {event["status"] for event in handled} == {200}
 

@@ -27,6 +27,7 @@ from cmdlog.store import Store, Txn
 log = structlog.get_logger(__name__)
 
 NODE_ID_BYTES = 8
+BOOT_BYTES = 8
 
 
 class _QueryState:
@@ -54,6 +55,8 @@ class Database:
         now_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self.app = app
+        self.boot = secrets.token_hex(BOOT_BYTES)
+        """A new random name per open: within one boot the log only grows."""
         self.store = Store(path, list(app.domains), store_config)
         clock_config = clock_config or ClockConfig()
 

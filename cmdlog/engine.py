@@ -70,6 +70,8 @@ class IngestReport:
     replaced: int = 0
     conflicts: list[str] = field(default_factory=list)
     held: int = 0
+    appended: tuple[int, int] | None = None
+    """First and last log sequence numbers of the copies this batch appended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +265,11 @@ class Engine:
         report = IngestReport()
         fresh: list[_Entry] = []
         removed: list[bytes] = []
+        first_seq = batch.last_seq + 1
         for command in commands:
             self._ingest_one(batch, command, report, fresh, removed)
+        if batch.last_seq >= first_seq:
+            report.appended = (first_seq, batch.last_seq)
         if fresh or removed:
             self._fold_in(batch, fresh, removed=removed)
         self._finish(batch)

@@ -445,7 +445,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def get_replicate(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    return await serve_stream(request, node, node.peers.config)
+    return await serve_stream(request, node, node.peers.config, request.app[METRICS])
 
 
 async def get_health(request: web.Request) -> web.Response:

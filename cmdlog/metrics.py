@@ -82,9 +82,23 @@ class Metrics:
         self.commits = Counter(
             "cmdlog_commits", "Durable group commits", registry=self.registry
         )
+        stream_entries = Counter(
+            "cmdlog_replication_stream_entries",
+            "Log entries the streams this node serves covered: sent, or skipped "
+            "because the reader sent them here",
+            ["result"],
+            registry=self.registry,
+        )
+        self._stream_sent = stream_entries.labels("sent")
+        self._stream_skipped = stream_entries.labels("skipped")
         # labels() costs more than the update itself, so each request's
         # children are looked up once and kept.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def count_stream_entries(self, *, sent: int, skipped: int) -> None:
+        """Count the log entries one stream frame covered."""
+        self._stream_sent.inc(sent)
+        self._stream_skipped.inc(skipped)
 
     def count_commands(self, result: str, count: int = 1) -> None:
         """Count client commands by result, one of `COMMAND_RESULTS`."""

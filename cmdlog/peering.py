@@ -28,6 +28,7 @@ from aiohttp import web
 
 from cmdlog import frames, replication
 from cmdlog.config import ReplicationConfig
+from cmdlog.engine import IngestReport
 from cmdlog.errors import (
     CmdlogError,
     DataError,
@@ -36,6 +37,7 @@ from cmdlog.errors import (
     VersionMismatch,
 )
 from cmdlog.frames import FrameError, FrameReader, encode_frame
+from cmdlog.metrics import Metrics
 from cmdlog.model import Command
 from cmdlog.replication import PeerState
 from cmdlog.store import Txn
@@ -44,6 +46,10 @@ log = structlog.get_logger(__name__)
 
 STREAM_CONTENT_TYPE = "application/x-cmdlog-frames"
 READ_CHUNK_BYTES = 64 * 1024
+
+_Received = tuple[list[tuple[int, Command]], int]
+"""A commands frame as the puller queues it: its entries, and the sequence
+number it covers through."""
 
 
 class CommitSignal:
@@ -90,14 +96,21 @@ async def serve_stream(
     request: web.Request,
     node: Any,
     config: ReplicationConfig,
+    metrics: Metrics,
 ) -> web.StreamResponse:
     """Stream the local log after `?after=SEQ` until the node stops or the
-    reader goes away."""
+    reader goes away.
+
+    A reader that names itself with `?node=ID&boot=BOOT` (its node ID and
+    process) is not sent the copies this node received from that process;
+    frames then carry `through`, the last sequence number they cover.
+    """
     try:
         replication.check_version(_int_arg(request, "version", default=1))
     except VersionMismatch as exc:
         raise InvalidArgument(exc.message) from exc
     after = _int_arg(request, "after", default=0)
+    reader = _reader_arg(request)
     database = node.database
     instance = request.query.get("instance")
     if instance and instance != database.log_instance:
@@ -118,24 +131,28 @@ async def serve_stream(
     node.peers.streams += 1
     log.info("stream_opened", after_seq=after, remote=request.remote)
     try:
-        _entries, head = replication.read_log_chunk(
-            database, after, entries_max=0, bytes_max=0
-        )
+        head = replication.log_head(database)
         hello = replication.hello_frame(database, head, after=after)
         await _write(response, hello, write_timeout_s)
         cursor = after
         while not node.closing.is_set():
             wake = node.commit_signal.current()
-            entries, head = replication.read_log_chunk(
+            entries, through, head = replication.read_log_chunk(
                 database,
                 cursor,
                 entries_max=config.frame_entries_max,
                 bytes_max=config.frame_bytes_max // 2,
+                reader=reader,
             )
-            if entries:
+            if through > cursor:
                 frame = {"t": frames.COMMANDS, "entries": entries, "head": head}
+                if reader is not None:
+                    frame["through"] = through
                 await _write(response, frame, write_timeout_s)
-                cursor = entries[-1][0]
+                metrics.count_stream_entries(
+                    sent=len(entries), skipped=through - cursor - len(entries)
+                )
+                cursor = through
                 continue
             if not await _wait_any(wake, node.closing, config.heartbeat_interval_s):
                 await _write(
@@ -173,6 +190,21 @@ async def _wait_any(
         for waiter in waiters:
             waiter.cancel()
     return bool(done)
+
+
+def _reader_arg(request: web.Request) -> replication.Reader | None:
+    """Return the reader named by `?node=` and `?boot=`, or None without them."""
+    node, boot = request.query.get("node"), request.query.get("boot")
+    if node is None and boot is None:
+        return None
+    for name, value in (("node", node), ("boot", boot)):
+        if value is None or not replication.BOOT_PATTERN.fullmatch(value):
+            raise InvalidArgument(
+                f"?{name}= must be 1 to 64 lowercase hex digits, found {value!r}; "
+                "a reader sends both ?node= and ?boot= or neither"
+            )
+    assert node is not None and boot is not None
+    return replication.Reader(node, boot)
 
 
 def _int_arg(request: web.Request, name: str, *, default: int) -> int:
@@ -251,6 +283,10 @@ class Puller:
         }
         if self.peer.instance:
             query["instance"] = self.peer.instance
+        # Naming this node and process lets the peer skip the copies it
+        # received from here.
+        query["node"] = self.node.node_id
+        query["boot"] = self.node.database.boot
         if self.node.advertise_url:
             query["announce"] = self.node.advertise_url
         url = f"{self.peer.url}/replicate?{urllib.parse.urlencode(query)}"
@@ -266,7 +302,7 @@ class Puller:
                     message=text,
                 )
             reader = FrameReader(frame_bytes_max=self.config.frame_bytes_max)
-            queue: asyncio.Queue[list[tuple[int, Command]] | None] = asyncio.Queue(
+            queue: asyncio.Queue[_Received | None] = asyncio.Queue(
                 self.config.queue_frames_max
             )
             ingester = asyncio.create_task(self._ingest(queue))
@@ -283,7 +319,7 @@ class Puller:
         self,
         response: aiohttp.ClientResponse,
         reader: FrameReader,
-        queue: asyncio.Queue[list[tuple[int, Command]] | None],
+        queue: asyncio.Queue[_Received | None],
         ingester: asyncio.Task[None],
     ) -> None:
         try:
@@ -301,7 +337,7 @@ class Puller:
         self,
         response: aiohttp.ClientResponse,
         reader: FrameReader,
-        queue: asyncio.Queue[list[tuple[int, Command]] | None],
+        queue: asyncio.Queue[_Received | None],
         ingester: asyncio.Task[None],
     ) -> None:
         hello_seen = False
@@ -319,9 +355,12 @@ class Puller:
                     self.peer.head = head
                 if kind == frames.COMMANDS:
                     entries = replication.parse_entries(frame, after_seq=received_seq)
-                    if entries:
-                        received_seq = entries[-1][0]
-                        await _put_or_fail(queue, entries, ingester)
+                    through = replication.parse_through(
+                        frame, entries, after_seq=received_seq
+                    )
+                    if through > received_seq:
+                        received_seq = through
+                        await _put_or_fail(queue, (entries, through), ingester)
                 elif kind != frames.HEARTBEAT:
                     raise FrameError(f"unknown replication frame kind {kind!r}")
         reader.close()
@@ -343,44 +382,50 @@ class Puller:
             head=self.peer.head,
         )
 
-    async def _ingest(
-        self, queue: asyncio.Queue[list[tuple[int, Command]] | None]
-    ) -> None:
+    async def _ingest(self, queue: asyncio.Queue[_Received | None]) -> None:
         """Fold queued entries, a sorted batch per transaction, with the cursor."""
         done = False
         while not done:
-            batch = await queue.get()
-            if batch is None:
+            received = await queue.get()
+            if received is None:
                 return
+            batch, through = list(received[0]), received[1]
             while len(batch) < self.config.ingest_commands_max and not queue.empty():
                 more = queue.get_nowait()
                 if more is None:
                     done = True
                     break
-                batch += more
-            await self._commit(batch)
+                batch += more[0]
+                through = more[1]
+            await self._commit(batch, through)
 
-    async def _commit(self, batch: list[tuple[int, Command]]) -> None:
+    async def _commit(self, batch: list[tuple[int, Command]], through: int) -> None:
+        """Ingest `batch` and store the cursor `through` in one transaction."""
         commands = [command for _seq, command in batch]
-        last_seq = batch[-1][0]
         url = self.peer.url
-        record = {**self.peer.to_record(), "cursor": last_seq}
+        node, boot = self.peer.node, self.peer.boot
+        record = {**self.peer.to_record(), "cursor": through}
         engine = self.node.database.engine
 
         def work(txn: Txn) -> Any:
-            report = engine.ingest(txn, commands)
+            report: IngestReport = (
+                engine.ingest(txn, commands) if commands else IngestReport()
+            )
+            if report.appended is not None and node and boot:
+                first_seq, last_seq = report.appended
+                txn.source_put(first_seq, last_seq, node, boot)
             txn.peer_put(url, record)
             return report
 
         report = await self.node.writer.run(work, size=len(commands))
-        self.peer.cursor = last_seq
+        self.peer.cursor = through
         if report.conflicts:
             self.node.conflicts_seen += len(report.conflicts)
 
 
 async def _put_or_fail(
-    queue: asyncio.Queue[list[tuple[int, Command]] | None],
-    item: list[tuple[int, Command]] | None,
+    queue: asyncio.Queue[_Received | None],
+    item: _Received | None,
     ingester: asyncio.Task[None],
 ) -> None:
     """Queue `item`, or re-raise the ingester's error if it has stopped."""

@@ -33,11 +33,40 @@ ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{ID_CHARS_MAX}}}")
 STAMP_MAX = 2**63 - 1
 
 
+BOOT_PATTERN = re.compile(r"[0-9a-f]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """The node reading a stream, as its request names it."""
+
+    node: str
+    boot: str
+    """The reader's process, as `Database.boot` names it."""
+
+
+def log_head(database: Database) -> int:
+    """Return the last sequence number of the local log."""
+    with database.store.read() as txn:
+        return txn.log_last_seq()
+
+
 def read_log_chunk(
-    database: Database, after_seq: int, *, entries_max: int, bytes_max: int
-) -> tuple[list[list[Any]], int]:
-    """Return up to `entries_max` log entries after `after_seq`, as
-    `[seq, packed record]`, and the log's last sequence number.
+    database: Database,
+    after_seq: int,
+    *,
+    entries_max: int,
+    bytes_max: int,
+    reader: Reader | None = None,
+) -> tuple[list[list[Any]], int, int]:
+    """Return the next log entries after `after_seq` for a stream.
+
+    Returns up to `entries_max` entries as `[seq, packed record]`, the
+    sequence number the chunk covers through, and the log's last sequence
+    number. With a `reader`, runs of copies received from that node's
+    current process are covered but not returned: a running node's log only
+    grows, so it still has them. Copies from its earlier processes are
+    returned, since it may have come back from an old backup.
 
     The read transaction is closed before this returns, so a stream never
     holds one while it waits on a socket.
@@ -46,14 +75,35 @@ def read_log_chunk(
     size = 0
     with database.store.read() as txn:
         head = txn.log_last_seq()
-        for seq, record in txn.log_iter(after_seq):
-            if entries and size + len(record) > bytes_max:
-                break
-            entries.append([seq, record])
-            size += len(record)
-            if len(entries) >= entries_max:
-                break
-    return entries, head
+        through = after_seq
+        runs = (
+            iter(())
+            if reader is None
+            else (
+                (first, last)
+                for first, last, node, boot in txn.sources_from(after_seq + 1)
+                if node == reader.node and boot == reader.boot
+            )
+        )
+        run = next(runs, None)
+        while through < head:
+            if run is not None and run[0] <= through + 1:
+                through = max(through, run[1])
+                run = next(runs, None)
+                continue
+            stop = head if run is None else run[0] - 1
+            for seq, record in txn.log_iter(through):
+                if seq > stop:
+                    break
+                if entries and size + len(record) > bytes_max:
+                    return entries, through, head
+                entries.append([seq, record])
+                size += len(record)
+                through = seq
+                if len(entries) >= entries_max:
+                    return entries, through, head
+            through = stop
+    return entries, through, head
 
 
 def hello_frame(database: Database, head: int, *, after: int) -> dict[str, Any]:
@@ -63,6 +113,7 @@ def hello_frame(database: Database, head: int, *, after: int) -> dict[str, Any]:
         "version": frames.PROTOCOL_VERSION,
         "node": database.node_id,
         "instance": database.log_instance,
+        "boot": database.boot,
         "head": head,
         "types": database.app.type_names(),
     }
@@ -84,6 +135,8 @@ class PeerState:
     url: str
     node: str | None = None
     instance: str | None = None
+    boot: str | None = None
+    """The peer's process, from its hello; None from a release without it."""
     cursor: int = 0
     head: int = 0
     connected: bool = False
@@ -140,6 +193,8 @@ def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> b
             f"{peer.cursor}"
         )
     peer.node, peer.instance, peer.head = node, instance, head
+    boot = hello.get("boot")
+    peer.boot = boot if type(boot) is str and BOOT_PATTERN.fullmatch(boot) else None
     return reset
 
 
@@ -170,6 +225,30 @@ def parse_entries(
         parsed.append((seq, parse_record(seq, record)))
         previous = seq
     return parsed
+
+
+def parse_through(
+    frame: dict[str, Any], entries: list[tuple[int, Command]], *, after_seq: int
+) -> int:
+    """Return the sequence number a commands frame covers through.
+
+    A frame from a stream that skipped the reader's own copies gives
+    `through`; otherwise its last entry is the end. Raises `FrameError` for
+    a `through` before the frame's last entry, and for a frame that covers
+    nothing after `after_seq`, which no stream sends.
+    """
+    last = entries[-1][0] if entries else after_seq
+    through = frame.get("through", last)
+    if type(through) is not int or through < last:
+        raise FrameError(
+            f"commands frame covers through {through!r}, before its last entry {last}"
+        )
+    if through <= after_seq:
+        raise FrameError(
+            f"commands frame covers through {through}, which this node has (it "
+            f"asked for what follows {after_seq})"
+        )
+    return through
 
 
 def parse_record(seq: int, record: bytes) -> Command:

@@ -20,6 +20,10 @@ Named databases, each with its key and value layout:
   copy of an ID that lost to another copy, so a copy that comes round again
   is recognised and not stored or forwarded twice.
 - `peers`: peer URL -> replication cursor and identity.
+- `sources`: last sequence number of a run of log entries (8 bytes,
+  big-endian) -> `[first seq, node, boot]`: the run holds copies received
+  from that node while it ran as process `boot`. A stream to that node
+  skips them while it still runs as that process.
 - `catalog`: command type -> fingerprint of its handler code, recorded the
   first time the node folded a command of that type.
 - `state.DOMAIN`: one per domain, handler key -> msgpack value.
@@ -58,8 +62,10 @@ log = structlog.get_logger(__name__)
 SEQ_BYTES = 8
 _CORE_DBS = (
     "meta", "log", "ids", "folded", "pending", "undo", "conflicts", "superseded",
-    "peers", "catalog",
+    "peers", "catalog", "sources",
 )  # fmt: skip
+_ADDED_DBS = frozenset({"sources"})
+"""Databases that a store written by an older release may lack."""
 _STATE_PREFIX = "state."
 _DBS_MAX = 64
 DISK_FREE_BYTES_MIN = 16 * 1024 * 1024
@@ -292,6 +298,31 @@ class Txn:
         """Forget a peer; return False if it was not stored."""
         return bool(self.raw.delete(url.encode(), db=self._dbs["peers"]))
 
+    # runs of copies received from peers
+
+    def source_put(self, first_seq: int, last_seq: int, node: str, boot: str) -> None:
+        """Record log entries `first_seq..last_seq` as copies received from
+        `node` while it ran as process `boot`."""
+        stored = self.raw.put(
+            seq_key(last_seq),
+            codec.pack([first_seq, node, boot]),
+            db=self._dbs["sources"],
+            append=True,
+        )
+        assert stored, f"source run ending at {last_seq} is not after the last one"
+
+    def sources_from(self, seq: int) -> Iterator[tuple[int, int, str, str]]:
+        """Yield `(first seq, last seq, node, boot)` for each run that ends at
+        or after `seq`, in log order."""
+        if self._dbs["sources"] is None:
+            return
+        cursor = self.raw.cursor(db=self._dbs["sources"])
+        if not cursor.set_range(seq_key(seq)):
+            return
+        for key, value in cursor:
+            first_seq, node, boot = codec.unpack(value)
+            yield first_seq, int.from_bytes(key, "big"), node, boot
+
     def peers(self) -> dict[str, dict[str, Any]]:
         cursor = self.raw.cursor(db=self._dbs["peers"])
         return {key.decode(): codec.unpack(value) for key, value in cursor}
@@ -430,7 +461,12 @@ class Store:
         self._dbs: dict[str, Any] = {}
         self._state_dbs: dict[str, Any] = {}
         for name in _CORE_DBS:
-            self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+            try:
+                self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+            except lmdb.NotFoundError:
+                if name not in _ADDED_DBS:
+                    raise
+                self._dbs[name] = None  # read-only, and older than this database
         for domain in self.domains:
             self._open_state_db(domain, create=not readonly)
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -269,3 +271,92 @@ async def test_replicate_refuses_unknown_version(node: NodeProcess) -> None:
     assert code == 400
     assert "9" in body["error"]["message"]
     assert "version 1" in body["error"]["message"]
+
+
+def stream_entries(metrics_text: str) -> dict[str, float]:
+    """Read `cmdlog_replication_stream_entries_total` by result."""
+    found = re.findall(
+        r'^cmdlog_replication_stream_entries_total\{result="(\w+)"\} (\S+)$',
+        metrics_text,
+        re.M,
+    )
+    return {result: float(value) for result, value in found}
+
+
+async def metrics_text(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url + "/metrics") as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def deposits(
+    session: aiohttp.ClientSession, url: str, prefix: str, count: int
+) -> None:
+    items = [
+        {"id": f"{prefix}-{i}", "type": "ledger.deposit",
+         "payload": {"account": ACCOUNTS[i % 4], "amount": 1}}
+        for i in range(count)
+    ]  # fmt: skip
+    results = await post_batch(session, url, items)
+    assert [result["status"] for result in results] == [201] * count
+
+
+async def test_copies_not_sent_back(node_factory: Factory) -> None:
+    """A node does not stream back the copies it pulled from the reader, and
+    the reader's cursor still reaches its head."""
+    source = node_factory("source")
+    async with aiohttp.ClientSession() as session:
+        await open_accounts(session, source.url)
+        await deposits(session, source.url, "before", 200)
+        follower = node_factory("follower", peers=(source.url,))
+        await wait_converged(session, [source.url, follower.url])
+        await deposits(session, source.url, "after", 100)
+        states = await wait_converged(session, [source.url, follower.url])
+        echoed = stream_entries(await metrics_text(session, follower.url))
+
+        await post_command(session, follower.url, "local", "ledger.deposit",
+                           {"account": ACCOUNTS[0], "amount": 1})  # fmt: skip
+        await wait_converged(session, [source.url, follower.url])
+        after_local = stream_entries(await metrics_text(session, follower.url))
+
+    total = states[0]["commands"]
+    assert total == len(ACCOUNTS) * 2 + 300
+    [peer_of_source] = states[0]["peers"]
+    assert peer_of_source["cursor"] == states[1]["log_entries"]
+    assert echoed == {"sent": 0, "skipped": total}
+    assert after_local == {"sent": 1, "skipped": total}
+
+
+@pytest.mark.slow
+async def test_restored_node_gets_lost_copies_back(
+    node_factory: Factory, tmp_path: Path
+) -> None:
+    """A node restored from an old backup gets back, from a peer, the commands
+    it had sent that peer after the backup."""
+    source = node_factory("source")
+    # A restarted node drops its kept-alive connections, so use none.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await open_accounts(session, source.url)
+        await deposits(session, source.url, "kept", 50)
+        follower = node_factory("follower", peers=(source.url,))
+        await wait_converged(session, [source.url, follower.url])
+        source.terminate()
+        backup = tmp_path / "backup"
+        shutil.copytree(source.data_dir, backup)
+        source.start()
+        await deposits(session, source.url, "lost", 50)
+        states = await wait_converged(session, [source.url, follower.url])
+
+        source.terminate()
+        shutil.rmtree(source.data_dir)
+        shutil.copytree(backup, source.data_dir)
+        source.start()
+        final = await wait_converged(session, [source.url, follower.url])
+
+    restored = len(log_ids_by_seq(backup, example_app))
+
+    assert states[0]["commands"] == len(ACCOUNTS) * 2 + 100
+    assert restored == len(ACCOUNTS) * 2 + 50
+    assert final[0]["commands"] == states[0]["commands"]
+    assert final[0]["digest"] == states[0]["digest"]

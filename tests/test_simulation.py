@@ -107,7 +107,7 @@ def test_skipped_chunk_breaks_promises(tmp_path: Path, seed: int) -> None:
     assert report.violations != ()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 2, 3])
 def test_cursor_apart_breaks_promises(tmp_path: Path, seed: int) -> None:
     """A puller that stores the cursor apart from the commands is caught."""
     report = simulate(

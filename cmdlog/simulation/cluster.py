@@ -139,6 +139,7 @@ class Cluster(Network):
             clock_config=self.clock_config,
             now_ms=lambda: self.time_ms + node.offset_ms,
         )
+        db.boot = f"{self.rng.getrandbits(64):016x}"  # seeded, like the node ID
         node.db = db
         self.engines.append(db.engine)
         with db.store.read() as txn:

@@ -11,9 +11,12 @@ from typing import Any
 from cmdlog import frames
 from cmdlog.frames import FrameError, FrameReader
 from cmdlog.replication import (
+    Reader,
     accept_hello,
     hello_frame,
+    log_head,
     parse_entries,
+    parse_through,
     read_log_chunk,
 )
 from cmdlog.simulation.records import Counts, Message, Node, Stream, Violations
@@ -77,9 +80,10 @@ class Network(ABC):
         after = state.cursor
         if state.instance and state.instance != peer_db.log_instance:
             after = 0
-        _entries, head = read_log_chunk(peer_db, after, entries_max=0, bytes_max=0)
         accept_hello(
-            state, hello_frame(peer_db, head, after=after), self_node=puller.node_id
+            state,
+            hello_frame(peer_db, log_head(peer_db), after=after),
+            self_node=puller.node_id,
         )
         record = state.to_record()
         puller.database().store.write(lambda txn: txn.peer_put(peer.url, record))
@@ -90,6 +94,7 @@ class Network(ABC):
         stream.sent_seq = after
         stream.received_seq = state.cursor
         stream.recent = []
+        stream.reader = Reader(puller.node_id, puller.database().boot)
 
     def _disconnect(self, stream: Stream, *, flush: bool) -> None:
         """Close a stream, after committing what arrived intact if `flush`."""
@@ -100,21 +105,27 @@ class Network(ABC):
         stream.connection = 0
 
     def _send(self, stream: Stream) -> None:
-        peer_db = self.nodes[stream.peer].database()
-        entries, head = read_log_chunk(
-            peer_db,
-            stream.sent_seq,
-            entries_max=self.rng.randint(1, FRAME_ENTRIES_MAX),
-            bytes_max=REPLICATION.frame_bytes_max // 2,
-        )
-        if not entries:
+        data = self._next_frame(stream, self.rng.randint(1, FRAME_ENTRIES_MAX))
+        if data is None:
             return
-        data = frames.encode_frame(
-            {"t": frames.COMMANDS, "entries": entries, "head": head}
-        )
-        stream.sent_seq = entries[-1][0]
         stream.recent = [*stream.recent, data][-RECENT_FRAMES_MAX:]
         self._enqueue(stream, data, duplicate=False)
+
+    def _next_frame(self, stream: Stream, entries_max: int) -> bytes | None:
+        """Read the next commands frame as `serve_stream` does, or None."""
+        entries, through, head = read_log_chunk(
+            self.nodes[stream.peer].database(),
+            stream.sent_seq,
+            entries_max=entries_max,
+            bytes_max=REPLICATION.frame_bytes_max // 2,
+            reader=stream.reader,
+        )
+        if through <= stream.sent_seq:
+            return None
+        stream.sent_seq = through
+        frame = {"t": frames.COMMANDS, "entries": entries, "head": head}
+        frame["through"] = through
+        return frames.encode_frame(frame)
 
     def _enqueue(self, stream: Stream, data: bytes, *, duplicate: bool) -> None:
         # Frames of one connection arrive in order, as over TCP. Frames of
@@ -142,6 +153,7 @@ class Network(ABC):
         reader.close()
         try:
             entries = parse_entries(frame, after_seq=stream.received_seq)
+            through = parse_through(frame, entries, after_seq=stream.received_seq)
         except FrameError as exc:
             if not duplicate:
                 self.violations.add(
@@ -157,9 +169,10 @@ class Network(ABC):
                 f"node {stream.puller} took a duplicated frame from node "
                 f"{stream.peer} at step {self.step} past the cursor check",
             )
-        if entries:
-            stream.received_seq = entries[-1][0]
-            stream.inbox.extend(entries)
+        stream.inbox.extend(entries)
+        if through > stream.received_seq and (not entries or through > entries[-1][0]):
+            stream.inbox.append((through, None))
+        stream.received_seq = through
 
     def _commit(self, stream: Stream, entries_max: int, *, crash_allowed: bool) -> None:
         """Ingest received entries and store the cursor, as `Puller._commit`."""
@@ -168,9 +181,11 @@ class Network(ABC):
         state = puller.peers[peer.url]
         batch = stream.inbox[:entries_max]
         del stream.inbox[:entries_max]
-        commands = [command for _seq, command in batch]
+        received = [(seq, command) for seq, command in batch if command is not None]
+        commands = [command for _seq, command in received]
         last_seq = batch[-1][0]
         record = {**state.to_record(), "cursor": last_seq}
+        boot = state.boot
 
         if self.fault == "skip_chunk" and self.rng.random() < SKIP_CHUNK_P:
             commands = []
@@ -185,6 +200,9 @@ class Network(ABC):
 
             def work(txn: Txn) -> Any:
                 report = db.engine.ingest(txn, commands)
+                if report.appended is not None and boot is not None:
+                    first_seq, last_seq = report.appended
+                    txn.source_put(first_seq, last_seq, peer.node_id, boot)
                 txn.peer_put(peer.url, record)
                 return report
 
@@ -252,18 +270,12 @@ class Network(ABC):
         moved = 0
         self._connect(stream)
         while moved < entries_max:
-            entries, head = read_log_chunk(
-                self.nodes[stream.peer].database(),
-                stream.sent_seq,
-                entries_max=REPLICATION.frame_entries_max,
-                bytes_max=REPLICATION.frame_bytes_max // 2,
-            )
-            if not entries:
+            sent_before = stream.sent_seq
+            data = self._next_frame(stream, REPLICATION.frame_entries_max)
+            if data is None:
                 break
-            stream.sent_seq = entries[-1][0]
-            frame = {"t": frames.COMMANDS, "entries": entries, "head": head}
-            self._receive(stream, frames.encode_frame(frame), duplicate=False)
+            self._receive(stream, data, duplicate=False)
             self._commit(stream, len(stream.inbox), crash_allowed=False)
-            moved += len(entries)
+            moved += stream.sent_seq - sent_before
         self._disconnect(stream, flush=True)
         return moved

@@ -10,7 +10,7 @@ from typing import Any
 from cmdlog.database import Database
 from cmdlog.engine import Status
 from cmdlog.model import Command, Outcome
-from cmdlog.replication import PeerState
+from cmdlog.replication import PeerState, Reader
 from cmdlog.simulation.settings import VIOLATIONS_PER_PROMISE_MAX
 
 
@@ -117,9 +117,12 @@ class Stream:
     sent_seq: int = 0
     received_seq: int = 0
     deliver_at_ms_last: int = 0
-    inbox: list[tuple[int, Command]] = field(default_factory=list)
-    """Entries received but not yet committed, lost if the puller crashes."""
+    inbox: list[tuple[int, Command | None]] = field(default_factory=list)
+    """Entries received but not yet committed, lost if the puller crashes. An
+    entry without a command only moves the cursor over skipped copies."""
     recent: list[bytes] = field(default_factory=list)
+    reader: Reader | None = None
+    """The puller as it names itself to the peer when the stream opens."""
 
 
 @dataclass(order=True, slots=True)

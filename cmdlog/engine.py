@@ -285,15 +285,15 @@ class Engine:
     ) -> None:
         key = command.order_key
         fingerprint = codec.fingerprint(command.type, command.payload)
-        existing = batch.id_get(command.id)
-        if existing is None:
-            seq = batch.append(command)
-            batch.id_put(command, seq, fingerprint)
+        seq = batch.claim(command, fingerprint)
+        if seq is not None:
             batch.log_digest += fold.log_item_hash(command.id, fingerprint)
             report.stored += 1
             self._route(batch, _Entry(key, seq, command), report, fresh)
             return
 
+        existing = batch.id_get(command.id)
+        assert existing is not None, f"ID {command.id} is taken but not stored"
         existing_seq, existing_fp, existing_stamp, existing_origin = existing
         existing_key = order_key(existing_stamp, existing_origin, command.id)
         if fingerprint == existing_fp and key >= existing_key:

@@ -31,6 +31,9 @@ ID_CHARS_MAX = KEY_CHARS_MAX + 65
 """Maximum length of a command ID from a peer: a key with a principal prefix."""
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{ID_CHARS_MAX}}}")
 STAMP_MAX = 2**63 - 1
+_VALID_ORIGINS_MAX = 1024
+_valid_origins: set[str] = set()
+"""Origins already checked: a cluster has a few, and every record names one."""
 
 
 BOOT_PATTERN = re.compile(r"[0-9a-f]{1,64}")
@@ -272,6 +275,9 @@ def parse_record(seq: int, record: bytes) -> Command:
         raise FrameError(f"log entry {seq}: {exc.message}") from exc
     if type(stamp) is not int or not 0 < stamp <= STAMP_MAX:
         raise FrameError(f"log entry {seq} has an invalid stamp {stamp!r}")
-    if type(origin) is not str or not ORIGIN_PATTERN.fullmatch(origin):
-        raise FrameError(f"log entry {seq} has an invalid origin {origin!r}")
+    if type(origin) is not str or origin not in _valid_origins:
+        if type(origin) is not str or not ORIGIN_PATTERN.fullmatch(origin):
+            raise FrameError(f"log entry {seq} has an invalid origin {origin!r}")
+        if len(_valid_origins) < _VALID_ORIGINS_MAX:
+            _valid_origins.add(origin)
     return Command(command_id, type_name, payload, stamp, origin)

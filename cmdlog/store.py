@@ -302,12 +302,21 @@ class Txn:
 
     def source_put(self, first_seq: int, last_seq: int, node: str, boot: str) -> None:
         """Record log entries `first_seq..last_seq` as copies received from
-        `node` while it ran as process `boot`."""
+        `node` while it ran as process `boot`.
+
+        A run that directly follows the last one from the same process
+        extends it, so a steady stream from one peer keeps one record.
+        """
+        db = self._dbs["sources"]
+        cursor = self.raw.cursor(db=db)
+        if cursor.last():
+            previous_first, previous_node, previous_boot = codec.unpack(cursor.value())
+            follows = int.from_bytes(cursor.key(), "big") == first_seq - 1
+            if follows and (previous_node, previous_boot) == (node, boot):
+                cursor.delete()
+                first_seq = previous_first
         stored = self.raw.put(
-            seq_key(last_seq),
-            codec.pack([first_seq, node, boot]),
-            db=self._dbs["sources"],
-            append=True,
+            seq_key(last_seq), codec.pack([first_seq, node, boot]), db=db, append=True
         )
         assert stored, f"source run ending at {last_seq} is not after the last one"
 

@@ -116,3 +116,29 @@ def test_stream_without_reader_sends_all(tmp_path: Path) -> None:
     assert [seq for seq, _record in entries] == list(range(1, 10))
     assert through == head == 9
     assert codec.unpack(entries[0][1])[0] == "id1"
+
+
+def test_adjacent_runs_from_one_boot_merge(tmp_path: Path) -> None:
+    """Runs that follow each other from the same boot are kept as one record."""
+    database = Database(tmp_path / "log", App([ledger]), store_config=fast_store())
+    try:
+
+        def write(txn: Txn) -> None:
+            txn.source_put(1, 3, "a1", "b1")
+            txn.source_put(4, 6, "a1", "b1")
+            txn.source_put(7, 8, "a1", "b2")
+            txn.source_put(10, 12, "a1", "b2")
+            txn.source_put(13, 13, "c3", "b2")
+
+        database.store.write(write)
+        with database.store.read() as txn:
+            runs = list(txn.sources_from(0))
+    finally:
+        database.close()
+
+    assert runs == [
+        (1, 6, "a1", "b1"),
+        (7, 8, "a1", "b2"),
+        (10, 12, "a1", "b2"),
+        (13, 13, "c3", "b2"),
+    ]

@@ -47,6 +47,10 @@ class Reader:
     boot: str
     """The reader's process, as `Database.boot` names it."""
 
+    @property
+    def names(self) -> tuple[str, str]:
+        return self.node, self.boot
+
 
 def log_head(database: Database) -> int:
     """Return the last sequence number of the local log."""
@@ -79,22 +83,22 @@ def read_log_chunk(
     with database.store.read() as txn:
         head = txn.log_last_seq()
         through = after_seq
-        runs = (
-            iter(())
-            if reader is None
-            else (
-                (first, last)
-                for first, last, node, boot in txn.sources_from(after_seq + 1)
-                if node == reader.node and boot == reader.boot
-            )
-        )
+        # Runs come in log order. Each turn of the loop skips one run of the
+        # reader's own copies or reads entries up to the next run that
+        # matters, so the work stays in proportion to what the chunk covers.
+        runs = iter(()) if reader is None else txn.sources_from(after_seq + 1)
         run = next(runs, None)
         while through < head:
-            if run is not None and run[0] <= through + 1:
-                through = max(through, run[1])
+            while run is not None and run[1] <= through:
                 run = next(runs, None)
-                continue
-            stop = head if run is None else run[0] - 1
+            own = reader is not None and run is not None and run[2:] == reader.names
+            if run is not None and run[0] <= through + 1:
+                if own:
+                    through = run[1]
+                    continue
+                stop = run[1]  # another node's copies: sent like any entry
+            else:
+                stop = head if run is None else run[0] - 1
             for seq, record in txn.log_iter(through):
                 if seq > stop:
                     break

@@ -142,3 +142,31 @@ def test_adjacent_runs_from_one_boot_merge(tmp_path: Path) -> None:
         (10, 12, "a1", "b2"),
         (13, 13, "c3", "b2"),
     ]
+
+
+def test_chunk_reads_runs_it_covers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk looks at the runs it covers, not at every later run of
+    another node's copies."""
+    database, own = build_log(tmp_path / "log", [(1, 3), (1, 0)] * 1000)
+    consumed = [0]
+    sources_from = Txn.sources_from
+
+    def counted(self: Txn, seq: int) -> Iterator[tuple[int, int, str, str]]:
+        for run in sources_from(self, seq):
+            consumed[0] += 1
+            yield run
+
+    monkeypatch.setattr(Txn, "sources_from", counted)
+    try:
+        entries, through, head = read_log_chunk(
+            database, 0, entries_max=5, bytes_max=1 << 20, reader=READER
+        )
+    finally:
+        database.close()
+
+    assert own == set()
+    assert [seq for seq, _record in entries] == [1, 2, 3, 4, 5]
+    assert (through, head) == (5, 2000)
+    assert consumed[0] <= 6

@@ -70,8 +70,6 @@ class IngestReport:
     replaced: int = 0
     conflicts: list[str] = field(default_factory=list)
     held: int = 0
-    appended: tuple[int, int] | None = None
-    """First and last log sequence numbers of the copies this batch appended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +114,24 @@ class _Batch:
             self.ids[command_id] = self.txn.id_get(command_id)
         return self.ids[command_id]
 
-    def id_put(self, command: Command, seq: int, fingerprint: bytes) -> None:
-        entry = [seq, fingerprint, command.stamp, command.origin]
-        self.ids[command.id] = entry
-        self.txn.id_put(command.id, seq, fingerprint, command.stamp, command.origin)
+    def id_put(
+        self, command: Command, seq: int, fingerprint: bytes, *, overwrite: bool = True
+    ) -> bool:
+        """Store the ID's entry, unless `overwrite` is False and the ID is stored.
+
+        Returns whether the entry was stored.
+        """
+        stored = self.txn.id_put(
+            command.id,
+            seq,
+            fingerprint,
+            command.stamp,
+            command.origin,
+            overwrite=overwrite,
+        )
+        if stored:
+            self.ids[command.id] = [seq, fingerprint, command.stamp, command.origin]
+        return stored
 
     def claim(self, command: Command, fingerprint: bytes) -> int | None:
         """Append `command` and give it its ID, unless the ID is taken.
@@ -129,11 +141,8 @@ class _Batch:
         if self.ids.get(command.id) is not None:
             return None
         seq = self.last_seq + 1
-        if not self.txn.id_put(
-            command.id, seq, fingerprint, command.stamp, command.origin, overwrite=False
-        ):
+        if not self.id_put(command, seq, fingerprint, overwrite=False):
             return None
-        self.ids[command.id] = [seq, fingerprint, command.stamp, command.origin]
         self.append(command)
         return seq
 
@@ -252,14 +261,21 @@ class Engine:
 
     # peer commands
 
-    def ingest(self, txn: Txn, commands: Iterable[Command]) -> IngestReport:
+    def ingest(
+        self,
+        txn: Txn,
+        commands: Iterable[Command],
+        *,
+        source: tuple[str, str] | None = None,
+    ) -> IngestReport:
         """Store and fold commands received from peers.
 
         Each ID keeps the copy that sorts first in canonical order. A later
         copy with the same fingerprint is dropped; one with another
         fingerprint is recorded as a conflict. A command whose type is
         unknown here, or whose stamp is beyond the skew horizon, is stored
-        and held pending.
+        and held pending. With a `source` (the peer's node ID and boot), the
+        copies stored are recorded as received from that process.
         """
         batch = _Batch(txn)
         report = IngestReport()
@@ -268,8 +284,8 @@ class Engine:
         first_seq = batch.last_seq + 1
         for command in commands:
             self._ingest_one(batch, command, report, fresh, removed)
-        if batch.last_seq >= first_seq:
-            report.appended = (first_seq, batch.last_seq)
+        if source is not None and batch.last_seq >= first_seq:
+            txn.source_put(first_seq, batch.last_seq, *source)
         if fresh or removed:
             self._fold_in(batch, fresh, removed=removed)
         self._finish(batch)

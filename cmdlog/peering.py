@@ -102,7 +102,7 @@ async def serve_stream(
     reader goes away.
 
     A reader that names itself with `?node=ID&boot=BOOT` (its node ID and
-    process) is not sent the copies this node received from that process;
+    process) is not sent the copies this node received from that process, and
     frames then carry `through`, the last sequence number they cover.
     """
     try:
@@ -403,17 +403,14 @@ class Puller:
         """Ingest `batch` and store the cursor `through` in one transaction."""
         commands = [command for _seq, command in batch]
         url = self.peer.url
-        node, boot = self.peer.node, self.peer.boot
+        source = self.peer.source()
         record = {**self.peer.to_record(), "cursor": through}
         engine = self.node.database.engine
 
-        def work(txn: Txn) -> Any:
-            report: IngestReport = (
-                engine.ingest(txn, commands) if commands else IngestReport()
-            )
-            if report.appended is not None and node and boot:
-                first_seq, last_seq = report.appended
-                txn.source_put(first_seq, last_seq, node, boot)
+        def work(txn: Txn) -> IngestReport:
+            report = IngestReport()
+            if commands:
+                report = engine.ingest(txn, commands, source=source)
             txn.peer_put(url, record)
             return report
 

@@ -154,6 +154,12 @@ class PeerState:
     def lag(self) -> int:
         return max(0, self.head - self.cursor)
 
+    def source(self) -> tuple[str, str] | None:
+        """Return the peer's node ID and boot once its hello named both."""
+        if self.node is None or self.boot is None:
+            return None
+        return self.node, self.boot
+
     def to_record(self) -> dict[str, Any]:
         return {"node": self.node, "instance": self.instance, "cursor": self.cursor}
 
@@ -240,7 +246,7 @@ def parse_through(
     """Return the sequence number a commands frame covers through.
 
     A frame from a stream that skipped the reader's own copies gives
-    `through`; otherwise its last entry is the end. Raises `FrameError` for
+    `through`, and otherwise its last entry is the end. Raises `FrameError` for
     a `through` before the frame's last entry, and for a frame that covers
     nothing after `after_seq`, which no stream sends.
     """

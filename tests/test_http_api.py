@@ -1395,22 +1395,35 @@ def command_counts(text: str) -> dict[str, float]:
     return {result: float(value) for result, value in found}
 
 
+async def post_json_batch(
+    session: aiohttp.ClientSession, node: NodeProcess, items: list[dict[str, Any]]
+) -> Reply:
+    return await send(
+        session,
+        "POST",
+        node.url + "/commands/batch",
+        body=JSON_ENCODING.pack(items),
+        headers=JSON_ENCODING.headers(),
+    )
+
+
+async def node_command_counts(
+    session: aiohttp.ClientSession, node: NodeProcess
+) -> dict[str, float]:
+    async with session.get(node.url + "/metrics") as response:
+        return command_counts(await response.text())
+
+
 async def test_metrics_count_batch_results(
     api_node: NodeProcess, session: aiohttp.ClientSession
 ) -> None:
     """A batch counts each item once under its result."""
     account = unique("counted")
     keys = [unique(f"counted{index}") for index in range(3)]
-    first = [batch_item(keys[0], open_command(account))]
-    await send(
-        session,
-        "POST",
-        api_node.url + "/commands/batch",
-        body=JSON_ENCODING.pack(first),
-        headers=JSON_ENCODING.headers(),
+    await post_json_batch(
+        session, api_node, [batch_item(keys[0], open_command(account))]
     )
-    async with session.get(api_node.url + "/metrics") as response:
-        before = command_counts(await response.text())
+    before = await node_command_counts(session, api_node)
     items = [
         batch_item(keys[0], open_command(account)),
         batch_item(keys[1], deposit_command(account, 5)),
@@ -1419,15 +1432,8 @@ async def test_metrics_count_batch_results(
         batch_item(unique("bad"), {"type": "ledger.deposit", "payload": "five"}),
     ]
 
-    reply = await send(
-        session,
-        "POST",
-        api_node.url + "/commands/batch",
-        body=JSON_ENCODING.pack(items),
-        headers=JSON_ENCODING.headers(),
-    )
-    async with session.get(api_node.url + "/metrics") as response:
-        after = command_counts(await response.text())
+    reply = await post_json_batch(session, api_node, items)
+    after = await node_command_counts(session, api_node)
 
     assert reply.status == 200, reply.body
     assert [item["status"] for item in reply.body["results"]] == [

@@ -181,11 +181,10 @@ class Network(ABC):
         state = puller.peers[peer.url]
         batch = stream.inbox[:entries_max]
         del stream.inbox[:entries_max]
-        received = [(seq, command) for seq, command in batch if command is not None]
-        commands = [command for _seq, command in received]
+        commands = [command for _seq, command in batch if command is not None]
         last_seq = batch[-1][0]
         record = {**state.to_record(), "cursor": last_seq}
-        boot = state.boot
+        source = state.source()
 
         if self.fault == "skip_chunk" and self.rng.random() < SKIP_CHUNK_P:
             commands = []
@@ -199,10 +198,7 @@ class Network(ABC):
         else:
 
             def work(txn: Txn) -> Any:
-                report = db.engine.ingest(txn, commands)
-                if report.appended is not None and boot is not None:
-                    first_seq, last_seq = report.appended
-                    txn.source_put(first_seq, last_seq, peer.node_id, boot)
+                report = db.engine.ingest(txn, commands, source=source)
                 txn.peer_put(peer.url, record)
                 return report
 

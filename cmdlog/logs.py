@@ -6,14 +6,14 @@ records go through the same renderer, so one stream carries every event in
 one format.
 
 The per-request access line (`log_request`) is the only event on the hot
-path. In JSON mode it is rendered directly, with the same fields in the
-same order as structlog would write them, because structlog's processor
-chain cost about 6% of the event loop's time under load. A write per
-request cost about a tenth more, so when stderr is not a terminal, access
-lines are buffered. The next other event writes them, or `flush_logs`, which the
-server calls every `ACCESS_FLUSH_INTERVAL_S`. Every other event is written
-at once, after the access lines before it, so the stream stays in order. A
-node killed with SIGKILL loses at most the access lines of that interval.
+path. Under load, structlog's processor chain cost about 6% of the event
+loop's time, so in JSON mode the line is rendered directly, with the same
+fields in the same order. A write per request cost about a tenth more, so
+when stderr is not a terminal, access lines are buffered. The next other
+event writes them, or `flush_logs`, which the server calls every
+`ACCESS_FLUSH_INTERVAL_S`. Every other event is written at once, after
+the access lines before it, so the stream stays in order. A node killed
+with SIGKILL loses at most the access lines of that interval.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class Txn:
         *,
         overwrite: bool = True,
     ) -> bool:
-        """Store the ID's entry; with `overwrite=False`, only if the ID is new.
+        """Store the ID's entry, or with `overwrite=False` only if the ID is new.
 
         Returns whether the entry was stored. One put with `overwrite=False`
         costs one tree descent, where a get and then a put cost two.

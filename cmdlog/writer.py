@@ -7,8 +7,8 @@ and commits once with a sync, so a thousand concurrent writers cost one
 disk flush instead of a thousand. Client submissions that follow each other
 in the queue go to the engine as one list, so the per-call setup (digests,
 last sequence number, state overlay) is paid once per group, not once per
-request. A caller's future resolves only after the commit that holds its
-command has synced; if the commit fails, every job in it fails with the
+request. A caller's future resolves only after the commit that contains its
+command has synced. If the commit fails, every job in it fails with the
 same error and nothing of theirs is stored.
 """
 
@@ -39,7 +39,7 @@ RELEASE_INTERVAL_S = 1.0
 @dataclass(slots=True)
 class _Job:
     work: Callable[[Txn], Any] | None
-    """What to run in the transaction; None for a job of `submissions`."""
+    """The function to run in the transaction, or None for a job of `submissions`."""
     size: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
@@ -58,8 +58,8 @@ class Writer:
     def __init__(self, database: Database, config: WriterConfig | None = None) -> None:
         self.database = database
         self.config = config or WriterConfig()
-        # Only the event loop's thread puts, so checking the size before a
-        # put bounds the queue; SimpleQueue is several times cheaper than Queue.
+        # SimpleQueue is several times cheaper than Queue. It has no bound, but
+        # only the event loop's thread puts, so a size check before each put is one.
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="cmdlog-writer")
         self._stopping = False

@@ -47,19 +47,15 @@ _unpackb = msgpack.unpackb
 _local = threading.local()
 
 
-def _packer() -> msgpack.Packer:
+def pack(value: Any) -> bytes:
+    """Encode `value` with the project's msgpack options."""
     # A Packer keeps an internal buffer, so each thread needs its own; reusing
     # one per thread is several times faster than msgpack.packb.
     try:
-        return _local.packer
+        packer = _local.packer
     except AttributeError:
-        _local.packer = msgpack.Packer(**_packer_options)
-        return _local.packer
-
-
-def pack(value: Any) -> bytes:
-    """Encode `value` with the project's msgpack options."""
-    return _packer().pack(value)  # type: ignore[no-any-return]
+        packer = _local.packer = msgpack.Packer(**_packer_options)
+    return packer.pack(value)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:
@@ -110,66 +106,107 @@ def new_unpacker(*, buffer_bytes_max: int) -> msgpack.Unpacker:
     return msgpack.Unpacker(max_buffer_size=buffer_bytes_max, **_unpacker_options)
 
 
-def check_value(value: Any, field: str, depth: int = 0) -> None:
+def check_value(value: Any, field: str) -> None:
     """Raise `MalformedBody` unless `value` is plain JSON-model data.
 
     `field` names the place in the request, for example `payload.items[3]`,
     so the message can point at it.
     """
+    try:
+        _check(value, 0)
+    except _Invalid as invalid:
+        place = field + "".join(reversed(invalid.path))
+        raise MalformedBody(place + invalid.problem) from invalid.__cause__
+
+
+class _Invalid(Exception):
+    """A value outside the data model. Each container it passes through on
+    the way out adds its step to `path`, so a valid value, the common case,
+    never builds a field name."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.path: list[str] = []
+
+
+def _check(value: Any, depth: int) -> None:
     if depth > DEPTH_MAX:
-        raise MalformedBody(
-            f"{field} is nested more than {DEPTH_MAX} levels deep; flatten it"
-        )
+        raise _Invalid(f" is nested more than {DEPTH_MAX} levels deep; flatten it")
     if value is None or value is True or value is False:
         return
     kind = type(value)
     if kind is str:
-        _check_text(value, field)
+        _check_text(value)
     elif kind is int:
         if not INT_MIN <= value <= INT_MAX:
-            raise MalformedBody(
-                f"{field} is {value}, outside the integer range "
+            raise _Invalid(
+                f" is {value}, outside the integer range "
                 f"[{INT_MIN}, {INT_MAX}]; send a smaller number or a string"
             )
     elif kind is float:
         if not math.isfinite(value):
-            raise MalformedBody(f"{field} is {value}; send a finite number")
+            raise _Invalid(f" is {value}; send a finite number")
     elif kind is list:
-        for i, item in enumerate(value):
-            check_value(item, f"{field}[{i}]", depth + 1)
+        for index, item in enumerate(value):
+            try:
+                _check(item, depth + 1)
+            except _Invalid as invalid:
+                invalid.path.append(f"[{index}]")
+                raise
     elif kind is dict:
         for key, item in value.items():
             if type(key) is not str:
-                raise MalformedBody(
-                    f"{field} has a map key of type {type(key).__name__}; "
+                raise _Invalid(
+                    f" has a map key of type {type(key).__name__}; "
                     "map keys must be strings"
                 )
-            _check_text(key, f"{field} key")
-            check_value(item, f"{field}.{key}", depth + 1)
+            try:
+                _check_text(key)
+            except _Invalid as invalid:
+                invalid.path.append(" key")
+                raise
+            try:
+                _check(item, depth + 1)
+            except _Invalid as invalid:
+                invalid.path.append(f".{key}")
+                raise
     else:
-        raise MalformedBody(
-            f"{field} has a value of type {kind.__name__}; send only null, "
+        raise _Invalid(
+            f" has a value of type {kind.__name__}; send only null, "
             "booleans, integers, floats, strings, arrays and maps"
         )
 
 
-def _check_text(text: str, field: str) -> None:
+def _check_text(text: str) -> None:
+    # ASCII text, the common case, cannot hold a surrogate; the flag is
+    # stored with the string, so the test costs no scan.
+    if text.isascii():
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise MalformedBody(
-            f"{field} contains a lone surrogate at position {exc.start}; "
-            "send valid UTF-8 text"
+        raise _Invalid(
+            f" contains a lone surrogate at position {exc.start}; send valid UTF-8 text"
         ) from exc
+
+
+_CONTAINERS = (dict, list)
 
 
 def sort_maps(value: Any) -> Any:
     """Return `value` with every map's keys in sorted order, recursively."""
     kind = type(value)
     if kind is dict:
-        return {key: sort_maps(value[key]) for key in sorted(value)}
+        # Keys are unique, so sorting the pairs never compares two values.
+        return {
+            key: sort_maps(item) if type(item) in _CONTAINERS else item
+            for key, item in sorted(value.items())
+        }
     if kind is list:
-        return [sort_maps(item) for item in value]
+        return [
+            sort_maps(item) if type(item) in _CONTAINERS else item for item in value
+        ]
     return value
 
 

@@ -98,8 +98,10 @@ class _Entry:
 class _Batch:
     """Working state of one write transaction."""
 
-    def __init__(self, txn: Txn) -> None:
+    def __init__(self, txn: Txn, horizon: int) -> None:
         self.txn = txn
+        self.horizon = horizon
+        """The clock's skew horizon, read once when the transaction began."""
         self.overlay = StateOverlay(txn.state_get)
         self.state_digest = fold.digest_from_bytes(txn.meta_get("state_digest"))
         self.log_digest = fold.digest_from_bytes(txn.meta_get("log_digest"))
@@ -206,7 +208,7 @@ class Engine:
         so it reports the stored command. One with another fingerprint gets a
         `KeyReused` error in its place in the list.
         """
-        batch = _Batch(txn)
+        batch = _Batch(txn, self.clock.horizon())
         results: list[Accepted | KeyReused | str] = []
         fresh: list[_Entry] = []
         for submission in submissions:
@@ -277,7 +279,7 @@ class Engine:
         and held pending. With a `source` (the peer's node ID and boot), the
         copies stored are recorded as received from that process.
         """
-        batch = _Batch(txn)
+        batch = _Batch(txn, self.clock.horizon())
         report = IngestReport()
         fresh: list[_Entry] = []
         removed: list[bytes] = []
@@ -357,30 +359,30 @@ class Engine:
         fresh: list[_Entry],
     ) -> None:
         """Send a newly stored copy to the fold, or hold it pending."""
-        reason = self._hold_reason(entry.command)
+        reason = self._hold_reason(entry.command, batch.horizon)
         if reason is None:
-            self.clock.observe(entry.command.stamp)
+            self.clock.observe(entry.command.stamp, horizon=batch.horizon)
             fresh.append(entry)
         else:
             batch.txn.pending_put(entry.key, entry.seq, reason)
             report.held += 1
 
-    def _hold_reason(self, command: Command) -> str | None:
+    def _hold_reason(self, command: Command, horizon: int) -> str | None:
         if command.type not in self.app.types:
             return UNKNOWN_TYPE
-        if command.stamp > self.clock.horizon():
+        if command.stamp > horizon:
             return CLOCK_SKEW
         return None
 
     def release_pending(self, txn: Txn) -> int:
         """Fold held commands that can be folded now; return how many."""
-        batch = _Batch(txn)
+        batch = _Batch(txn, self.clock.horizon())
         ready: list[_Entry] = []
         for key, (seq, _reason) in list(txn.pending_iter()):
             command = Command.from_record(txn.log_get(seq))
-            if self._hold_reason(command) is None:
+            if self._hold_reason(command, batch.horizon) is None:
                 txn.pending_delete(key)
-                self.clock.observe(command.stamp)
+                self.clock.observe(command.stamp, horizon=batch.horizon)
                 ready.append(_Entry(key, seq, command))
         if ready:
             log.info("pending_released", count=len(ready))

@@ -59,12 +59,13 @@ class HybridClock:
             (1 << LOGICAL_BITS) - 1
         )
 
-    def observe(self, stamp: int) -> bool:
+    def observe(self, stamp: int, *, horizon: int | None = None) -> bool:
         """Advance past a peer's stamp; return False if it is too far ahead.
 
-        A stamp beyond the skew horizon leaves the clock untouched.
+        A stamp beyond the skew horizon leaves the clock untouched. A caller
+        that checks many stamps at once may pass the `horizon` it read.
         """
-        if stamp > self.horizon():
+        if stamp > (self.horizon() if horizon is None else horizon):
             return False
         if stamp > self.last:
             self.last = stamp

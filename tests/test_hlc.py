@@ -153,6 +153,19 @@ def test_observe_accepted_once_wall_catches_up() -> None:
     assert clock.now() > peer
 
 
+def test_observe_uses_given_horizon() -> None:
+    """A horizon read earlier decides, not the wall clock's time now."""
+    wall = FakeWall()
+    clock = new_clock(wall)
+    horizon = clock.horizon()
+    peer = stamp_at(START_MS + 2 * SKEW_MS_MAX)
+    wall.ms += 2 * SKEW_MS_MAX
+    assert clock.observe(peer, horizon=horizon) is False
+    assert clock.last < peer
+    assert clock.observe(peer) is True
+    assert clock.last == peer
+
+
 def test_observe_older_keeps_last() -> None:
     """An older peer stamp is accepted without moving the clock back."""
     wall = FakeWall()

@@ -86,8 +86,7 @@ class Status:
     conflicts: int
 
 
-@dataclass(slots=True)
-class _Entry:
+class _Entry(NamedTuple):
     """A command on its way into the fold: order key, log position, command."""
 
     key: bytes
@@ -150,7 +149,7 @@ class _Batch:
 
     def append(self, command: Command) -> int:
         self.last_seq += 1
-        self.txn.log_append(self.last_seq, command.to_record())
+        self.txn.log_append(self.last_seq, command)
         return self.last_seq
 
     def flush_state(self) -> None:

@@ -61,7 +61,8 @@ def log_item_hash(command_id: str, fingerprint: bytes) -> int:
 
 
 def pack_outcome(outcome: Outcome) -> bytes:
-    return codec.pack([outcome.status, outcome.result, outcome.reason])
+    """Encode `[status, result, reason]`; a named tuple packs as that array."""
+    return codec.pack(outcome)
 
 
 def unpack_outcome(data: bytes) -> Outcome:
@@ -103,6 +104,17 @@ class StateOverlay:
         if state_key not in self._base:
             self._base[state_key] = self._base_get(domain, key)
         self._current[state_key] = value
+
+    def swap(self, domain: str, key: bytes, value: bytes | None) -> bytes | None:
+        """Set `key` to `value` and return the value it had."""
+        state_key = (domain, key)
+        if state_key in self._current:
+            previous = self._current[state_key]
+        else:
+            # `_current` never holds a key that `_base` lacks.
+            previous = self._base[state_key] = self._base_get(domain, key)
+        self._current[state_key] = value
+        return previous
 
     def changes(self) -> Iterator[tuple[str, bytes, bytes | None, bytes | None]]:
         """Yield `(domain, key, base value, current value)` for each changed key."""
@@ -178,8 +190,7 @@ def apply_command(
 
     undo: list[UndoEntry] = []
     for key, value in state.writes.items():
-        undo.append([domain, key, overlay.get(domain, key)])
-        overlay.set(domain, key, value)
+        undo.append([domain, key, overlay.swap(domain, key, value)])
     return Outcome(APPLIED, result), undo
 
 

@@ -40,7 +40,7 @@ import fcntl
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -143,9 +143,13 @@ class Txn:
 
     # log
 
-    def log_append(self, seq: int, record: list[Any]) -> None:
+    def log_append(self, seq: int, record: Sequence[Any]) -> None:
+        """Store `record` (a `Command` packs as its record) as entry `seq`."""
         stored = self.raw.put(
-            seq_key(seq), codec.pack(record), db=self._dbs["log"], append=True
+            seq.to_bytes(SEQ_BYTES, "big"),
+            codec.pack(record),
+            db=self._dbs["log"],
+            append=True,
         )
         assert stored, f"log sequence {seq} is not after the last one"
 
@@ -204,7 +208,9 @@ class Txn:
         return int.from_bytes(data[:SEQ_BYTES], "big"), data[SEQ_BYTES:]
 
     def folded_put(self, key: bytes, seq: int, outcome: bytes) -> None:
-        self.raw.put(key, seq_key(seq) + outcome, db=self._dbs["folded"])
+        self.raw.put(
+            key, seq.to_bytes(SEQ_BYTES, "big") + outcome, db=self._dbs["folded"]
+        )
 
     def folded_delete(self, key: bytes) -> None:
         self.raw.delete(key, db=self._dbs["folded"])

@@ -167,6 +167,14 @@ class Txn:
         for key, value in cursor:
             yield int.from_bytes(key, "big"), value
 
+    def log_records(self, after_seq: int) -> Iterator[tuple[bytes, bytes]]:
+        """Yield `(seq key, packed record)` for every log entry after
+        `after_seq`, the key as stored: 8 bytes, big-endian."""
+        cursor = self.raw.cursor(db=self._dbs["log"])
+        if not cursor.set_range(seq_key(after_seq + 1)):
+            return iter(())
+        return cursor.iternext()  # type: ignore[no-any-return]
+
     def log_last_seq(self) -> int:
         cursor = self.raw.cursor(db=self._dbs["log"])
         return int.from_bytes(cursor.key(), "big") if cursor.last() else 0

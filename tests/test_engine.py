@@ -347,3 +347,37 @@ def test_replay_keeps_skew_hold(scratch: Path) -> None:
     assert held.applied == 0
     assert report.applied == 0
     assert report.matches
+
+
+@pytest.mark.parametrize("worker_entries_min", [0, 1_000_000])
+def test_replay_log_digest_leaves_out_lost_copies(
+    scratch: Path, worker_entries_min: int
+) -> None:
+    """Replay's log digest, summed over every entry in a second process (0)
+    or in this one, leaves out each copy that lost its ID: a later copy, a
+    replaced one, a conflicting one, and one that lost a tie of order keys."""
+
+    def deposit(command_id: str, amount: int, stamp: int, origin: str) -> Command:
+        payload = {"account": "a0", "amount": amount}
+        return Command(command_id, "ledger.deposit", payload, stamp, origin)
+
+    db = open_db(scratch)
+    db.ingest(
+        [Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1")]
+    )
+    db.ingest([deposit("x", 10, 30, "n1")])
+    db.ingest([deposit("x", 10, 20, "n2")])  # sorts first: replaces the copy above
+    db.ingest([deposit("x", 99, 25, "n3")])  # another payload, sorts later: conflict
+    db.ingest([deposit("y", 1, 40, "n1")])
+    db.ingest(
+        [deposit("y", 2, 40, "n1")]
+    )  # same order key: the smaller fingerprint wins
+    status = db.status()
+    db.close()
+
+    report = replay(scratch, APP, worker_entries_min=worker_entries_min)
+    assert report.log_entries == 6
+    assert report.commands == 3
+    assert report.log_digest == status.log_digest
+    assert report.state_digest == status.state_digest
+    assert report.matches

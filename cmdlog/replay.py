@@ -43,7 +43,6 @@ import structlog
 from cmdlog import codec, fold
 from cmdlog.app import App
 from cmdlog.config import ClockConfig
-from cmdlog.errors import CmdlogError
 from cmdlog.fold import StateOverlay
 from cmdlog.hlc import HybridClock, wall_ms
 from cmdlog.model import Command, order_key
@@ -58,6 +57,7 @@ WORKER_ENTRIES_MIN = 50_000
 second process. Starting one takes about 0.15 s, more than a shorter log
 saves."""
 _SCRATCH_MAP_BYTES_MIN = 64 * 1024 * 1024
+_SCRATCH_PREFIX = ".replay-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,8 @@ def replay(
     except BaseException:
         lock.release()
         raise
-    scratch_dir = Path(tempfile.mkdtemp(prefix=".replay-", dir=path))
+    _remove_stale_scratch(path)
+    scratch_dir = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=path))
     try:
         with source.read() as txn:
             recorded_state = txn.meta_get("state_digest", bytes(32)).hex()
@@ -125,7 +126,9 @@ def replay(
             stack.callback(scratch.close)
             entries, lost_items = _find_winners(source, scratch)
             folded = _fold_winners(scratch, app, horizon=clock.horizon())
-            all_items = sum_log_items(source) if worker is None else worker.result()
+            all_items = None if worker is None else worker.result()
+            if all_items is None:
+                all_items = sum_log_items(source)
             folded.log_digest = all_items - lost_items
     finally:
         source.close()
@@ -191,32 +194,57 @@ class _Summer:
     """`sum_log_items` in a second process (`python -m cmdlog.replay`), so
     it runs beside the passes on another core. A new interpreter, not a
     fork: the caller may have threads, and `multiprocessing`'s spawn would
-    run the caller's main module again."""
+    run the caller's main module again.
+
+    The second process only saves time, so when it cannot start or fails,
+    `result` logs why and returns None, and the caller sums the items itself.
+    """
 
     def __init__(self, path: Path, domains: list[str]) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "cmdlog.replay", str(path), *domains],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self._process: subprocess.Popen[str] | None = None
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "cmdlog.replay", str(path), *domains],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except OSError as exc:
+            log.warning("replay_summer_not_started", error=str(exc))
 
     def __enter__(self) -> _Summer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._process is None:
+            return
         if self._process.poll() is None:
             self._process.kill()
         self._process.communicate()
 
-    def result(self) -> int:
+    def result(self) -> int | None:
+        if self._process is None:
+            return None
         out, err = self._process.communicate()
-        if self._process.returncode != 0:
-            raise CmdlogError(
-                "the process summing the log's items failed with exit code "
-                f"{self._process.returncode}: {err.strip()[-500:]}"
-            )
-        return int(out, 16)
+        try:
+            if self._process.returncode == 0:
+                return int(out, 16)
+        except ValueError:
+            pass
+        log.warning(
+            "replay_summer_failed",
+            exit_code=self._process.returncode,
+            stderr=err.strip()[-500:],
+        )
+        return None
+
+
+def _remove_stale_scratch(path: Path) -> None:
+    """Delete scratch left by a replay that was killed. The caller holds the
+    directory's lock, so no other replay is using one."""
+    for stale in path.glob(_SCRATCH_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("replay_scratch_removed", path=str(stale))
 
 
 def sum_log_items(source: Store) -> int:

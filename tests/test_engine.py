@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,3 +382,41 @@ def test_replay_log_digest_leaves_out_lost_copies(
     assert report.log_digest == status.log_digest
     assert report.state_digest == status.state_digest
     assert report.matches
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false"])
+def test_replay_sums_itself_when_second_process_fails(
+    scratch: Path, executable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second process that cannot start, or exits with an error, only costs
+    time: replay sums the log's items itself and still matches."""
+    db = open_db(scratch)
+    db.ingest(
+        [
+            Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1"),
+            Command("d", "ledger.deposit", {"account": "a0", "amount": 5}, 20, "n1"),
+        ]
+    )
+    status = db.status()
+    db.close()
+
+    monkeypatch.setattr(sys, "executable", executable)
+    report = replay(scratch, APP, worker_entries_min=0)
+    assert report.log_digest == status.log_digest
+    assert report.matches
+
+
+def test_replay_removes_stale_scratch(scratch: Path) -> None:
+    """Scratch left in the data directory by a killed replay is deleted by
+    the next one, which leaves none of its own."""
+    db = open_db(scratch)
+    db.ingest(
+        [Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1")]
+    )
+    db.close()
+    stale = scratch / ".replay-killed"
+    stale.mkdir()
+    (stale / "data.mdb").write_bytes(b"\0" * 4096)
+
+    assert replay(scratch, APP).matches
+    assert not list(scratch.glob(".replay-*"))

@@ -14,9 +14,10 @@ data directory, deleted afterwards:
    state databases, summing outcome and state digests as the engine does.
 
 The log digest needs every command's fingerprint, the costliest part of a
-command to recompute. It is the sum over every log entry, less the copies
-that lost, so for a long log a second process sums the entries while this
-one runs both passes; the first pass subtracts each copy that loses.
+command to recompute. It is computed as the sum over every log entry, less
+the copies that lost. For a long log, a second process sums the entries
+while this one runs both passes, and the first pass subtracts each copy
+that loses.
 
 The two passes are an implementation of the engine's rules separate from
 the engine, so equal digests show that the live state is exactly the fold

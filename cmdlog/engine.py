@@ -97,10 +97,12 @@ class _Entry(NamedTuple):
 class _Batch:
     """Working state of one write transaction."""
 
-    def __init__(self, txn: Txn, horizon: int) -> None:
+    def __init__(self, txn: Txn, clock: HybridClock) -> None:
         self.txn = txn
-        self.horizon = horizon
-        """The clock's skew horizon, read once when the transaction began."""
+        self.horizon: int = max(clock.horizon(), txn.meta_get("horizon", 0))
+        """The skew horizon every hold decision of this transaction uses: read
+        once, when it began, and never below the last one recorded, so a wall
+        clock that steps back cannot fold less than before."""
         self.overlay = StateOverlay(txn.state_get)
         self.state_digest = fold.digest_from_bytes(txn.meta_get("state_digest"))
         self.log_digest = fold.digest_from_bytes(txn.meta_get("log_digest"))
@@ -166,7 +168,9 @@ class _Batch:
         self.txn.meta_put("state_digest", fold.digest_to_bytes(self.state_digest))
         self.txn.meta_put("log_digest", fold.digest_to_bytes(self.log_digest))
         self.txn.meta_put("clock", clock.last)
-        # Replay judges clock-skew holds by this time, as the node did.
+        # Replay judges clock-skew holds by this horizon, as the node did:
+        # every command held now has a stamp beyond it (see Engine._finish).
+        self.txn.meta_put("horizon", self.horizon)
         self.txn.meta_put("wall_ms", clock.wall_ms())
 
 
@@ -195,6 +199,9 @@ class Engine:
         """Rewinds that undid folded commands, not counting full re-folds."""
         self.full_refolds = 0
         """Full re-folds, started when a rewind would pass the undo horizon."""
+        self._skew_held_from: int | None = None
+        """The smallest stamp held for clock skew, None when none is; kept by
+        `_route` and `_release_ready`, which `release_pending` runs at open."""
 
     # client writes
 
@@ -207,7 +214,7 @@ class Engine:
         so it reports the stored command. One with another fingerprint gets a
         `KeyReused` error in its place in the list.
         """
-        batch = _Batch(txn, self.clock.horizon())
+        batch = _Batch(txn, self.clock)
         results: list[Accepted | KeyReused | str] = []
         fresh: list[_Entry] = []
         for submission in submissions:
@@ -278,7 +285,7 @@ class Engine:
         and held pending. With a `source` (the peer's node ID and boot), the
         copies stored are recorded as received from that process.
         """
-        batch = _Batch(txn, self.clock.horizon())
+        batch = _Batch(txn, self.clock)
         report = IngestReport()
         fresh: list[_Entry] = []
         removed: list[bytes] = []
@@ -365,6 +372,10 @@ class Engine:
         else:
             batch.txn.pending_put(entry.key, entry.seq, reason)
             report.held += 1
+            if reason == CLOCK_SKEW:
+                stamp = entry.command.stamp
+                if self._skew_held_from is None or stamp < self._skew_held_from:
+                    self._skew_held_from = stamp
 
     def _hold_reason(self, command: Command, horizon: int) -> str | None:
         if command.type not in self.app.types:
@@ -375,18 +386,30 @@ class Engine:
 
     def release_pending(self, txn: Txn) -> int:
         """Fold held commands that can be folded now; return how many."""
-        batch = _Batch(txn, self.clock.horizon())
+        batch = _Batch(txn, self.clock)
+        released = self._release_ready(batch)
+        self._finish(batch)
+        return released
+
+    def _release_ready(self, batch: _Batch) -> int:
+        """Fold the held commands that `batch` may fold; return how many."""
+        txn = batch.txn
         ready: list[_Entry] = []
+        self._skew_held_from = None
         for key, (seq, _reason) in list(txn.pending_iter()):
             command = Command.from_record(txn.log_get(seq))
-            if self._hold_reason(command, batch.horizon) is None:
+            still = self._hold_reason(command, batch.horizon)
+            if still is None:
                 txn.pending_delete(key)
                 self.clock.observe(command.stamp, horizon=batch.horizon)
                 ready.append(_Entry(key, seq, command))
+            elif still == CLOCK_SKEW and (
+                self._skew_held_from is None or command.stamp < self._skew_held_from
+            ):
+                self._skew_held_from = command.stamp
         if ready:
             log.info("pending_released", count=len(ready))
             self._fold_in(batch, ready, removed=())
-        self._finish(batch)
         return len(ready)
 
     # the fold
@@ -533,6 +556,11 @@ class Engine:
         batch.state_digest -= fold.outcome_item_hash(command_id, entry[1])
 
     def _finish(self, batch: _Batch) -> None:
+        # Every commit records its horizon, and replay holds exactly the
+        # commands beyond it, so none the horizon covers may stay held.
+        held_from = self._skew_held_from
+        if held_from is not None and held_from <= batch.horizon:
+            self._release_ready(batch)
         batch.finish(self.clock)
         batch.txn.undo_trim(self.config.undo_horizon_commands)
 

@@ -55,9 +55,11 @@ class HybridClock:
 
     def horizon(self) -> int:
         """Return the largest stamp a peer may send that can be folded now."""
-        return (self._now_ms() + self.skew_ms_max) << LOGICAL_BITS | (
-            (1 << LOGICAL_BITS) - 1
-        )
+        return self.horizon_at(self._now_ms())
+
+    def horizon_at(self, wall_ms: int) -> int:
+        """Return the largest stamp that can be folded at wall time `wall_ms`."""
+        return (wall_ms + self.skew_ms_max) << LOGICAL_BITS | ((1 << LOGICAL_BITS) - 1)
 
     def observe(self, stamp: int, *, horizon: int | None = None) -> bool:
         """Advance past a peer's stamp; return False if it is too far ahead.

@@ -109,15 +109,19 @@ def replay(
         with source.read() as txn:
             recorded_state = txn.meta_get("state_digest", bytes(32)).hex()
             recorded_log = txn.meta_get("log_digest", bytes(32)).hex()
+            recorded_horizon = txn.meta_get("horizon")
             recorded_wall_ms = txn.meta_get("wall_ms")
             log_length = txn.log_last_seq()
-        # The node decided which commands to hold for clock skew by its wall
-        # clock, so the replay judges them by the time of the node's last
-        # commit, not by today's: a command held then is held in the replay.
-        clock_ms = recorded_wall_ms if recorded_wall_ms is not None else wall_ms()
-        clock = HybridClock(
-            now_ms=lambda: clock_ms, skew_ms_max=ClockConfig().skew_ms_max
-        )
+        # The node decided which commands to hold for clock skew by its
+        # horizon, so the replay holds exactly the commands beyond the horizon
+        # of the node's last commit, not today's. A store written before
+        # horizons were recorded gives the wall time of its last commit.
+        if recorded_horizon is not None:
+            horizon = recorded_horizon
+        else:
+            clock_ms = recorded_wall_ms if recorded_wall_ms is not None else wall_ms()
+            skew_ms_max = ClockConfig().skew_ms_max
+            horizon = HybridClock(skew_ms_max=skew_ms_max).horizon_at(clock_ms)
         domains = list(app.domains)
         with contextlib.ExitStack() as stack:
             worker = None
@@ -126,7 +130,7 @@ def replay(
             scratch = _Scratch(scratch_dir, app, map_bytes=2 * source.map_bytes())
             stack.callback(scratch.close)
             entries, lost_items = _find_winners(source, scratch)
-            folded = _fold_winners(scratch, app, horizon=clock.horizon())
+            folded = _fold_winners(scratch, app, horizon=horizon)
             all_items = None if worker is None else worker.result()
             if all_items is None:
                 all_items = sum_log_items(source)

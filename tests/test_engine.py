@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 from cmdlog import codec, fold
 from cmdlog.app import App
 from cmdlog.apps.ledger import ledger
+from cmdlog.config import ClockConfig
 from cmdlog.database import Database
 from cmdlog.engine import UNKNOWN_TYPE, prepare_submission
 from cmdlog.errors import KeyReused
 from cmdlog.fold import StateOverlay
+from cmdlog.hlc import LOGICAL_BITS
 from cmdlog.model import APPLIED, PENDING, REJECTED, Command
 from cmdlog.replay import replay
 from tests.conftest import fast_store
@@ -420,3 +422,91 @@ def test_replay_removes_stale_scratch(scratch: Path) -> None:
 
     assert replay(scratch, APP).matches
     assert not list(scratch.glob(".replay-*"))
+
+
+class SteppingWall:
+    """A wall clock in milliseconds that moves `step` forward after each read."""
+
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+        self.step = 0
+
+    def __call__(self) -> int:
+        now = self.ms
+        self.ms += self.step
+        return now
+
+
+def open_account(stamp: int) -> Command:
+    return Command(
+        "o", "ledger.open", {"account": "a0", "currency": "EUR"}, stamp, "n2"
+    )
+
+
+def deposit_at(stamp: int) -> Command:
+    return Command("d", "ledger.deposit", {"account": "a0", "amount": 5}, stamp, "n2")
+
+
+def test_replay_holds_what_the_transaction_held(scratch: Path) -> None:
+    """A command beyond the horizon a transaction began with stays held in
+    replay too, however far the wall clock moved before the commit."""
+    wall = SteppingWall(1_000_000)
+    db = Database(scratch, APP, store_config=fast_store(), now_ms=wall)
+    start = wall.ms
+    wall.step = 60_000  # each clock read inside the transaction is a minute later
+    edge = (start + db.clock.skew_ms_max + 1) << LOGICAL_BITS
+    db.ingest([open_account(start << LOGICAL_BITS), deposit_at(edge)])
+    status = db.status()
+    db.close()
+
+    assert (status.applied, status.pending) == (1, 1)
+    report = replay(scratch, APP)
+    assert report.applied == 1
+    assert report.matches
+
+
+def test_commit_releases_what_its_horizon_covers(scratch: Path) -> None:
+    """A held command whose stamp the wall clock has reached is folded by the
+    next commit of any kind, so no commit records a horizon that covers a
+    command it still holds; replay then agrees."""
+    wall = SteppingWall(1_000_000)
+    db = Database(scratch, APP, store_config=fast_store(), now_ms=wall)
+    ahead = (wall.ms + db.clock.skew_ms_max + 5_000) << LOGICAL_BITS
+    db.ingest([open_account(wall.ms << LOGICAL_BITS), deposit_at(ahead)])
+    assert db.status().pending == 1
+
+    wall.ms += 10_000
+    db.submit(
+        [prepare_submission(APP, "k", "ledger.deposit", {"account": "a0", "amount": 1})]
+    )
+    status = db.status()
+    db.close()
+
+    assert (status.applied, status.pending) == (3, 0)
+    assert replay(scratch, APP).matches
+
+
+def test_replay_uses_the_node_skew_setting(scratch: Path) -> None:
+    """Replay holds by the horizon the node recorded, which came from the
+    node's own skew setting, not the default one."""
+    wall = SteppingWall(1_000_000)
+    db = Database(
+        scratch,
+        APP,
+        store_config=fast_store(),
+        clock_config=ClockConfig(skew_ms_max=1_000),
+        now_ms=wall,
+    )
+    db.ingest(
+        [
+            open_account(wall.ms << LOGICAL_BITS),
+            deposit_at((wall.ms + 5_000) << LOGICAL_BITS),
+        ]
+    )
+    status = db.status()
+    db.close()
+
+    assert status.pending == 1
+    report = replay(scratch, APP)
+    assert report.applied == 1
+    assert report.matches

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ second process. Starting one takes about 0.15 s, more than a shorter log
 saves."""
 _SCRATCH_MAP_BYTES_MIN = 64 * 1024 * 1024
 _SCRATCH_PREFIX = ".replay-"
+_PARENT_CHECK_S = 0.2
+"""How often the second process checks that the replay that started it runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,18 +205,28 @@ class _Summer:
     fork: the caller may have threads, and `multiprocessing`'s spawn would
     run the caller's main module again.
 
-    The second process only saves time, so when it cannot start or fails,
-    `result` logs why and returns None, and the caller sums the items itself.
+    The second process imports cmdlog from where this one did, never from
+    its working directory (`-P`), so both run the same code. It only saves
+    time, so when it cannot start or fails, `result` logs why and returns
+    None, and the caller sums the items itself.
     """
 
     def __init__(self, path: Path, domains: list[str]) -> None:
         self._process: subprocess.Popen[str] | None = None
+        package_root = str(Path(__file__).resolve().parent.parent)
+        search_path = os.environ.get("PYTHONPATH")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, search_path])),
+        }
+        argv = [sys.executable, "-P", "-m", "cmdlog.replay", str(path), *domains]
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "cmdlog.replay", str(path), *domains],
+                argv,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                env=env,
             )
         except OSError as exc:
             log.warning("replay_summer_not_started", error=str(exc))
@@ -231,9 +245,10 @@ class _Summer:
         if self._process is None:
             return None
         out, err = self._process.communicate()
+        lines = out.split()
         try:
-            if self._process.returncode == 0:
-                return int(out, 16)
+            if self._process.returncode == 0 and lines:
+                return int(lines[-1], 16)
         except ValueError:
             pass
         log.warning(
@@ -375,12 +390,23 @@ def _fold_chunk(
 
 def _summer_main(path: str, domains: list[str]) -> None:
     """Print the sum of the log's items in hexadecimal (the second process
-    of `_Summer`)."""
+    of `_Summer`). Anything else it prints goes to stderr, and it exits if
+    the replay that started it dies."""
+    result, sys.stdout = sys.stdout, sys.stderr
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     source = Store(path, domains, readonly=True)
     try:
-        print(f"{sum_log_items(source):x}")
+        print(f"{sum_log_items(source):x}", file=result)
     finally:
         source.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # An orphan is adopted by another process, so its parent ID changes.
+    while os.getppid() == parent:
+        time.sleep(_PARENT_CHECK_S)
+    os._exit(1)
 
 
 if __name__ == "__main__":

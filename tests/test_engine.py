@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -510,3 +511,39 @@ def test_replay_uses_the_node_skew_setting(scratch: Path) -> None:
     report = replay(scratch, APP)
     assert report.applied == 1
     assert report.matches
+
+
+def test_second_process_ignores_working_directory(
+    scratch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second process imports the replay's own cmdlog, not a cmdlog
+    package in the directory replay runs from."""
+    db = open_db(scratch)
+    db.ingest([open_account(10), deposit_at(20)])
+    status = db.status()
+    db.close()
+    planted = tmp_path / "cmdlog"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "replay.py").write_text('print("3039")\n')
+    monkeypatch.chdir(tmp_path)
+
+    report = replay(scratch, APP, worker_entries_min=0)
+    assert report.log_digest == status.log_digest
+    assert report.matches
+
+
+def test_second_process_exits_with_its_parent() -> None:
+    """The second process's watch ends it once its parent is gone (its
+    parent ID is no longer the one it started with), and not before."""
+    watch = "import os, sys; from cmdlog.replay import _exit_with_parent; "
+    gone = subprocess.run(
+        [sys.executable, "-c", watch + "_exit_with_parent(os.getppid() + 1)"],
+        timeout=10,
+    )
+    assert gone.returncode == 1
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(
+            [sys.executable, "-c", watch + "_exit_with_parent(os.getppid())"],
+            timeout=1,
+        )

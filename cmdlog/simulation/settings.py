@@ -17,8 +17,8 @@ stores the cursor in its own transaction before the commands, and now and
 then the node crashes between the two."""
 
 EPOCH_MS = 1_700_000_000_000
-"""Simulated time starts in November 2023. `replay` folds with the real
-clock, so simulated stamps must lie in the real past or it would hold them."""
+"""Simulated time starts in November 2023. Replay holds commands by the
+horizon each node recorded, so it does not depend on the real clock."""
 STEPS_DEFAULT = 300
 STEP_MS_MAX = 20
 LATENCY_MS_MAX = 80

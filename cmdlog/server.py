@@ -100,7 +100,14 @@ class Server:
             reuse_address=True,
             ssl_context=self._server_ssl(),
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self.host}:{self.port}: "
+                f"{exc.strerror or exc}; stop the process that uses the "
+                "address, or pass another --listen"
+            ) from exc
         self._runner = runner
         self._site = site
         self._limits = limits
@@ -226,7 +233,13 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # The writer thread is already running and would keep the
+            # process alive (and the data directory locked) after the error.
+            await self.stop()
+            raise
         print(
             f"cmdlog listening on {self.scheme}://{self.host}:{self.port}", flush=True
         )

@@ -53,6 +53,8 @@ class _Stream:
         self._lock = threading.Lock()
         self._pending = bytearray()
         self._text: TextIO | None = None
+        self._lost = False
+        """Set once stderr fails (a closed pipe): later lines are dropped."""
         try:
             self._out = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
             self._buffered = not sys.stderr.isatty()
@@ -75,6 +77,16 @@ class _Stream:
     def _write_pending(self) -> None:
         data = bytes(self._pending)
         self._pending.clear()
+        if self._lost:
+            return
+        try:
+            self._write(data)
+        except (OSError, ValueError):
+            # Logging must never stop the node: a write can fail in the
+            # writer thread, which every client write waits for.
+            self._lost = True
+
+    def _write(self, data: bytes) -> None:
         if self._text is not None:
             self._text.write(data.decode())
             self._text.flush()

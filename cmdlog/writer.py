@@ -153,20 +153,24 @@ class Writer:
         try:
             self.database.store.write(lambda txn: self._run_jobs(txn, jobs))
         except Exception as exc:  # every job in the failed commit gets the error
-            log.error("commit_failed", jobs=len(jobs), error=str(exc), exc_info=exc)
             for job in jobs:
                 job.error = exc
+            log.error("commit_failed", jobs=len(jobs), error=str(exc), exc_info=exc)
         else:
             self.commits += 1
             self.commands_committed += sum(job.size for job in jobs)
             for callback in self.on_commit:
-                callback()
-        # One wake-up per event loop for the whole group, not one per job.
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-        for job in jobs:
-            by_loop.setdefault(job.loop, []).append(job)
-        for loop, group in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, group)
+                try:
+                    callback()
+                except Exception as exc:
+                    log.error("commit_callback_failed", error=str(exc), exc_info=exc)
+        finally:
+            # One wake-up per event loop for the whole group, not one per job.
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+            for job in jobs:
+                by_loop.setdefault(job.loop, []).append(job)
+            for loop, group in by_loop.items():
+                loop.call_soon_threadsafe(_resolve_all, group)
 
     def _run_jobs(self, txn: Txn, jobs: list[_Job]) -> None:
         """Run the jobs in queue order, each run of submissions in one call."""

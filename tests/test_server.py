@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -60,3 +61,40 @@ def test_serve_exits_on_bad_peer_url(tmp_path: Path) -> None:
     failed = serve_failing(tmp_path, "--listen", "127.0.0.1:0", "--peer", "127.0.0.1:9")
     assert failed.returncode == 2
     assert "cmdlog: peer URL '127.0.0.1:9'" in failed.stderr
+
+
+def test_serve_keeps_writing_after_log_pipe_closes(tmp_path: Path) -> None:
+    """A node whose log reader went away (`cmdlog serve 2>&1 | head`) still
+    commits and answers writes, and still stops on SIGTERM."""
+    argv = [sys.executable, "-m", "cmdlog.cli", "serve", "--data", str(tmp_path)]
+    process = subprocess.Popen(
+        [*argv, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        process.stderr.close()  # every log line from now on hits a closed pipe
+        line = process.stdout.readline()
+        url = line.split("listening on ", 1)[1].strip()
+        for index in range(3):
+            status, _view = post(
+                url,
+                {
+                    "type": "ledger.open",
+                    "payload": {"account": f"a{index}", "currency": "EUR"},
+                },
+                f"k{index}",
+            )
+            assert status == 201
+        with urllib.request.urlopen(url + "/status", timeout=10) as response:
+            assert json.loads(response.read())["commands"] == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

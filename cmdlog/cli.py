@@ -98,9 +98,22 @@ def _env_int(name: str, default: int) -> int:
     if value is None:
         return default
     try:
-        return int(value)
+        return _positive_int(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"cmdlog: CMDLOG_{name} {exc}") from None
+
+
+def _positive_int(text: str) -> int:
+    """Parse a limit: a whole number of 1 or more."""
+    try:
+        value = int(text)
     except ValueError:
-        raise SystemExit(f"CMDLOG_{name} must be an integer, found {value!r}") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of 1 or more, found {text!r}"
+        )
+    return value
 
 
 def _read_secret(path: str | None, flag: str, env_name: str) -> str | None:
@@ -297,27 +310,27 @@ def _add_serve(commands: Any) -> None:
     )
     serve.add_argument(
         "--body-bytes-max",
-        type=int,
+        type=_positive_int,
         default=_env_int("BODY_BYTES_MAX", 1 << 20),
         help="largest request body in bytes, 413 above it (CMDLOG_BODY_BYTES_MAX, "
         "default 1048576)",
     )
     serve.add_argument(
         "--batch-items-max",
-        type=int,
+        type=_positive_int,
         default=_env_int("BATCH_ITEMS_MAX", 1000),
         help="most items in one batch request (CMDLOG_BATCH_ITEMS_MAX, default 1000)",
     )
     serve.add_argument(
         "--connections-max",
-        type=int,
+        type=_positive_int,
         default=_env_int("CONNECTIONS_MAX", 1024),
         help="open client connections before requests get 503 "
         "(CMDLOG_CONNECTIONS_MAX, default 1024)",
     )
     serve.add_argument(
         "--requests-max",
-        type=int,
+        type=_positive_int,
         default=_env_int("REQUESTS_MAX", 2048),
         help="requests handled at once before more get 503 "
         "(CMDLOG_REQUESTS_MAX, default 2048)",

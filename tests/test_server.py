@@ -9,6 +9,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from cmdlog.cli import main
 from cmdlog.store import DirectoryLock
 from tests.nodes import NodeProcess
 
@@ -98,3 +101,31 @@ def test_serve_keeps_writing_after_log_pipe_closes(tmp_path: Path) -> None:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_serve_refuses_limit_below_one(
+    tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A limit flag of 0, a negative or a non-number stops `serve` before it
+    opens anything, naming the flag, instead of a node that refuses every
+    request."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--data", str(tmp_path / "d"), "--requests-max", value])
+    assert exited.value.code == 2
+    assert f"--requests-max: must be a whole number of 1 or more, found '{value}'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "d").exists()
+
+
+def test_serve_refuses_limit_variable_below_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same holds for the limit's CMDLOG_ variable."""
+    monkeypatch.setenv("CMDLOG_BODY_BYTES_MAX", "0")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--data", str(tmp_path / "d")])
+    assert str(exited.value.code) == (
+        "cmdlog: CMDLOG_BODY_BYTES_MAX must be a whole number of 1 or more, found '0'"
+    )

@@ -11,23 +11,29 @@ from collections.abc import Sequence
 from typing import Any
 
 from cmdlog.app import App
-from cmdlog.errors import CmdlogError
+from cmdlog.errors import CmdlogError, StartupError
 
 DEFAULT_APP = "cmdlog.apps.example:app"
 
 
 def load_app(spec: str) -> App:
-    """Import `MODULE:ATTR` and return the `App` it names."""
+    """Import `MODULE:ATTR` and return the `App` it names.
+
+    Raises `StartupError`, so the command exits 2 like any other error that
+    stops it, never 1, which `replay` uses for digests that differ.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--app must look like MODULE:ATTR, found {spec!r}")
+        raise StartupError(f"--app must look like MODULE:ATTR, found {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"--app {spec}: cannot import {module_name}: {exc}") from exc
-    app = getattr(module, attr, None)
+        raise StartupError(f"--app {spec}: cannot import {module_name}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise StartupError(f"--app {spec}: {module_name} has no attribute {attr!r}")
+    app = getattr(module, attr)
     if not isinstance(app, App):
-        raise SystemExit(
+        raise StartupError(
             f"--app {spec}: {module_name}.{attr} is {type(app).__name__}, "
             "expected a cmdlog.app.App"
         )

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from cmdlog.app import App
 from cmdlog.apps.ledger import ledger
+from cmdlog.cli import main
 from cmdlog.config import StoreConfig
 from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
@@ -228,6 +229,28 @@ def test_replay_rejected_while_node_open(tmp_path: Path) -> None:
     assert "stop that node first" in raised.value.message
     db.close()
     assert replay(tmp_path, APP).matches
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("nosuch:app", "cmdlog: --app nosuch:app: cannot import nosuch"),
+        (
+            "cmdlog.apps.example:nope",
+            "cmdlog: --app cmdlog.apps.example:nope: cmdlog.apps.example has no "
+            "attribute 'nope'",
+        ),
+        ("cmdlog.apps.example", "cmdlog: --app must look like MODULE:ATTR"),
+    ],
+)
+def test_replay_bad_app_exits_2(
+    tmp_path: Path, spec: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --app that cannot be loaded exits 2 with one `cmdlog:` line, never 1,
+    which replay keeps for digests that differ."""
+    Store(tmp_path, ["ledger"]).close()
+    assert main(["replay", "--data", str(tmp_path), "--app", spec]) == 2
+    assert capsys.readouterr().err.startswith(expected)
 
 
 def test_failed_open_releases_lock(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import orjson
 import structlog
 
 from cmdlog import codec, fold
@@ -261,10 +262,25 @@ class Engine:
 
     def _key_reused(self, batch: _Batch, submission: Submission) -> KeyReused:
         stored = self._command_at(batch.txn, batch.id_get(submission.id))
+        shown = orjson.dumps(stored.payload, option=orjson.OPT_SORT_KEYS).decode()
+        command_type = self.app.types.get(submission.type)
+        if (
+            command_type is not None
+            and command_type.natural_id(submission.payload) == submission.id
+        ):
+            # The ID came from the payload, not from the client's key, so a
+            # new key cannot help; new values of the natural key can.
+            fields = ", ".join(command_type.natural_key)
+            return KeyReused(
+                f"a {stored.type} command with the same {fields} is already "
+                f"stored with a different payload (stored payload: {shown}); "
+                "a new key does not change that: if this is another transaction, "
+                f"send it with other values of {fields}"
+            )
         return KeyReused(
             f"the key {submission.id!r} is already used by a {stored.type} "
-            f"command with a different payload (stored payload: "
-            f"{stored.payload}); send this command under a new key"
+            f"command with a different payload (stored payload: {shown}); "
+            "send this command under a new key"
         )
 
     # peer commands

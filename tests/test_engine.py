@@ -547,3 +547,35 @@ def test_second_process_exits_with_its_parent() -> None:
             [sys.executable, "-c", watch + "_exit_with_parent(os.getppid())"],
             timeout=1,
         )
+
+
+def test_key_reused_message_shows_payload_as_json(scratch: Path) -> None:
+    """A key reused with another payload is refused with the stored payload
+    as JSON and the fix: a new key."""
+    db = open_db(scratch)
+    payload = {"account": "a0", "currency": "EUR"}
+    db.submit([prepare_submission(APP, "k1", "ledger.open", payload)])
+    other = {"account": "a0", "currency": "USD"}
+    [result] = db.submit([prepare_submission(APP, "k1", "ledger.open", other)])
+    db.close()
+    assert isinstance(result, KeyReused)
+    assert '(stored payload: {"account":"a0","currency":"EUR"})' in result.message
+    assert result.message.endswith("send this command under a new key")
+
+
+def test_natural_key_reused_message_names_fields(scratch: Path) -> None:
+    """A charge whose account and reference are stored with another amount is
+    refused naming those fields, not the derived ID the client never sent,
+    and says that a new key does not help."""
+    db = open_db(scratch)
+    opened = {"account": "a0", "currency": "EUR"}
+    db.submit([prepare_submission(APP, "o", "ledger.open", opened)])
+    charge = {"account": "a0", "amount": 1, "reference": "r1"}
+    db.submit([prepare_submission(APP, "t1", "ledger.charge", charge)])
+    other = {**charge, "amount": 5}
+    [result] = db.submit([prepare_submission(APP, "t2", "ledger.charge", other)])
+    db.close()
+    assert isinstance(result, KeyReused)
+    assert "with the same account, reference is already stored" in result.message
+    assert "~" not in result.message
+    assert "a new key does not change that" in result.message

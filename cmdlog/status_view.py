@@ -23,6 +23,10 @@ async def fetch_status(
         session.get(url.rstrip("/") + "/status", headers=headers) as response,
     ):
         body: dict[str, Any] = await response.json()
+        if response.status == 401:
+            raise RuntimeError(
+                f"{url} needs a token; pass --token-file FILE or set CMDLOG_TOKEN"
+            )
         if response.status != 200:
             message = body.get("error", {}).get("message", response.reason)
             raise RuntimeError(f"{url} answered {response.status}: {message}")
@@ -52,6 +56,12 @@ def render(status: dict[str, Any]) -> str:
 
 
 def show_status(url: str, *, token: str | None, ca_file: str | None = None) -> int:
+    if not url.startswith(("http://", "https://")):
+        print(
+            f"cmdlog status: {url!r} is not a URL; write it as http://{url}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         status = asyncio.run(fetch_status(url, token, ca_file))
     except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:

@@ -67,7 +67,15 @@ def response_format(accept: str | None) -> str:
 def decode(data: bytes, fmt: str) -> Any:
     """Decode a request body; raise `MalformedBody` naming what is wrong."""
     if fmt == MSGPACK:
-        return codec.unpack_checked(data, "body")
+        try:
+            return codec.unpack_checked(data, "body")
+        except MalformedBody as exc:
+            if data[:1] in (b"{", b"["):
+                raise MalformedBody(
+                    f"{exc.message}; the body looks like JSON, so send it with "
+                    f"Content-Type: {JSON}"
+                ) from exc
+            raise
     value = _decode_json(data)
     codec.check_value(value, "body")
     return value

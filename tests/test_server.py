@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from cmdlog import wire
 from cmdlog.cli import main
+from cmdlog.errors import MalformedBody
 from cmdlog.store import DirectoryLock
 from tests.nodes import NodeProcess
 
@@ -128,4 +131,26 @@ def test_serve_refuses_limit_variable_below_one(
         main(["serve", "--data", str(tmp_path / "d")])
     assert str(exited.value.code) == (
         "cmdlog: CMDLOG_BODY_BYTES_MAX must be a whole number of 1 or more, found '0'"
+    )
+
+
+def test_status_command_hints(
+    node_factory: Callable[..., NodeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cmdlog status` says how to fix a URL without a scheme and a missing
+    token, instead of repeating the URL or quoting the HTTP header."""
+    node = node_factory(token="status-token-1")
+    address = node.url.removeprefix("http://")
+    assert main(["status", address]) == 1
+    assert f"write it as http://{address}" in capsys.readouterr().err
+    assert main(["status", node.url]) == 1
+    assert "needs a token; pass --token-file FILE" in capsys.readouterr().err
+
+
+def test_json_sent_as_msgpack_names_content_type() -> None:
+    """A JSON body labelled msgpack is refused with the Content-Type to use."""
+    with pytest.raises(MalformedBody) as raised:
+        wire.decode(b'{"type": "ledger.open"}', wire.MSGPACK)
+    assert raised.value.message.endswith(
+        "the body looks like JSON, so send it with Content-Type: application/json"
     )

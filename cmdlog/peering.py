@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import urllib.parse
 from typing import Any
@@ -257,10 +258,19 @@ class Puller:
                 except (FrameError, VersionMismatch) as exc:
                     self._stop_on_error(exc)
                     return
+                except PeerRefused as exc:
+                    self.peer.error = str(exc)
+                    log.warning(
+                        "peer_refused",
+                        peer=self.peer.url,
+                        error=self.peer.error,
+                        retry_in_s=round(backoff_s, 2),
+                    )
                 except (aiohttp.ClientError, TimeoutError, OSError, DataError) as exc:
+                    was_connected = self.peer.connected
                     self.peer.error = f"{type(exc).__name__}: {exc}"
                     log.info(
-                        "peer_disconnected",
+                        "peer_disconnected" if was_connected else "peer_unreachable",
                         peer=self.peer.url,
                         error=self.peer.error,
                         retry_in_s=round(backoff_s, 2),
@@ -295,12 +305,7 @@ class Puller:
                 text = (await response.text())[:500]
                 if response.status == 400 and "version" in text:
                     raise VersionMismatch(f"{self.peer.url} refused the stream: {text}")
-                raise aiohttp.ClientResponseError(
-                    response.request_info,
-                    (),
-                    status=response.status,
-                    message=text,
-                )
+                raise PeerRefused(self.peer.url, response.status, text)
             reader = FrameReader(frame_bytes_max=self.config.frame_bytes_max)
             queue: asyncio.Queue[_Received | None] = asyncio.Queue(
                 self.config.queue_frames_max
@@ -418,6 +423,23 @@ class Puller:
         self.peer.cursor = through
         if report.conflicts:
             self.node.conflicts_seen += len(report.conflicts)
+
+
+class PeerRefused(Exception):
+    """A peer answered /replicate with an error status; the puller retries."""
+
+    def __init__(self, url: str, status: int, text: str) -> None:
+        try:
+            message = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = text
+        fix = ""
+        if status == 401:
+            fix = (
+                "; give this node the cluster's peer token with "
+                "--peer-token-file FILE or CMDLOG_PEER_TOKEN"
+            )
+        super().__init__(f"{url} refused the stream with {status}: {message}{fix}")
 
 
 async def _put_or_fail(

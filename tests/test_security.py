@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 import sys
@@ -142,6 +143,31 @@ async def test_peers_replicate_with_peer_token(
         assert PEER not in text
 
 
+async def test_puller_without_peer_token_says_how_to_fix(
+    node_factory: Factory, tmp_path: Path
+) -> None:
+    """A node pulling from a peer that wants a peer token it lacks reports the
+    refusal and the flag that fixes it, in /status and in a warning."""
+    guarded = node_factory(
+        "guarded",
+        extra_args=("--peer-token-file", str(peer_token_file(tmp_path))),
+    )
+    puller = node_factory("puller", peers=(guarded.url,))
+    error = ""
+    async with aiohttp.ClientSession() as session:
+        for _attempt in range(50):
+            async with session.get(f"{puller.url}/status") as response:
+                error = (await response.json())["peers"][0]["error"] or ""
+            if "refused" in error:
+                break
+            await asyncio.sleep(0.1)
+    assert f"{guarded.url} refused the stream with 401" in error
+    assert "--peer-token-file FILE or CMDLOG_PEER_TOKEN" in error
+    puller.terminate()
+    assert "peer_refused" in puller.log_text()
+    assert PEER not in puller.log_text()
+
+
 def make_certificates(tmp_path: Path) -> tuple[Path, Path]:
     authority = trustme.CA()
     certificate = authority.issue_cert("127.0.0.1")
@@ -166,10 +192,19 @@ async def test_tls_for_clients_and_peers(node_factory: Factory, tmp_path: Path) 
         ) as response:
             created = response.status
         states = await wait_converged(session, [first.url, second.url])
+        # The first node learns the second from its announcement, which can
+        # land just after the two converge.
+        learned = states[0]["peers"]
+        for _attempt in range(50):
+            if learned:
+                break
+            await asyncio.sleep(0.1)
+            async with session.get(first.url + "/status") as response:
+                learned = (await response.json())["peers"]
     assert first.url.startswith("https://")
     assert created == 201
     assert states[1]["commands"] == 1
-    assert states[0]["peers"][0]["url"].startswith("https://")
+    assert learned[0]["url"].startswith("https://")
 
 
 async def test_tls_rejects_unknown_ca(node_factory: Factory, tmp_path: Path) -> None:

@@ -75,16 +75,20 @@ def _peers(args: argparse.Namespace) -> int:
         with store.read() as txn:
             stored = txn.peers()
         if args.forget is None:
+            if not stored:
+                print(f"no peers stored in {args.data}")
             for url, record in sorted(stored.items()):
                 node = record.get("node") or "-"
                 print(f"{url}  node={node}  cursor={record.get('cursor', 0)}")
             return 0
         url = normalize_url(args.forget)
         if url not in stored:
-            known = ", ".join(sorted(stored)) or "none"
+            if stored:
+                hint = f"(stored: {', '.join(sorted(stored))}); pass one of those URLs"
+            else:
+                hint = "(it stores none); there is nothing to forget"
             print(
-                f"cmdlog: {url} is not a stored peer of {args.data} (stored: "
-                f"{known}); pass one of those URLs",
+                f"cmdlog: {url} is not a stored peer of {args.data} {hint}",
                 file=sys.stderr,
             )
             return 1

@@ -410,8 +410,8 @@ class DirectoryLock:
             self.release()
             raise StartupError(
                 f"the data directory {directory} is in use by another process "
-                f"(pid {holder or 'unknown'}); stop that node first, or give "
-                "this one its own --data directory"
+                f"(pid {holder or 'unknown'}); stop that process first (a second "
+                "node needs its own --data directory)"
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)

@@ -82,3 +82,13 @@ def test_peers_missing_directory(
     assert main(["peers", "--data", str(tmp_path / "none")]) == 2
     assert "no cmdlog data" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_peers_none_stored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no peers stored, listing says so and forgetting says there is
+    nothing to forget, instead of printing nothing or 'stored: none'."""
+    Store(tmp_path, ["ledger"]).close()
+    assert main(["peers", "--data", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"no peers stored in {tmp_path}\n"
+    assert main(["peers", "--data", str(tmp_path), "--forget", LEARNED]) == 1
+    assert "(it stores none); there is nothing to forget" in capsys.readouterr().err

@@ -226,7 +226,7 @@ def test_replay_rejected_while_node_open(tmp_path: Path) -> None:
     )
     with pytest.raises(StartupError) as raised:
         replay(tmp_path, APP)
-    assert "stop that node first" in raised.value.message
+    assert "stop that process first" in raised.value.message
     db.close()
     assert replay(tmp_path, APP).matches
 

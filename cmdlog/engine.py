@@ -262,7 +262,9 @@ class Engine:
 
     def _key_reused(self, batch: _Batch, submission: Submission) -> KeyReused:
         stored = self._command_at(batch.txn, batch.id_get(submission.id))
-        shown = orjson.dumps(stored.payload, option=orjson.OPT_SORT_KEYS).decode()
+        stored_payload = orjson.dumps(
+            stored.payload, option=orjson.OPT_SORT_KEYS
+        ).decode()
         command_type = self.app.types.get(submission.type)
         if (
             command_type is not None
@@ -273,13 +275,13 @@ class Engine:
             fields = ", ".join(command_type.natural_key)
             return KeyReused(
                 f"a {stored.type} command with the same {fields} is already "
-                f"stored with a different payload (stored payload: {shown}); "
+                f"stored with a different payload (stored payload: {stored_payload}); "
                 "a new key does not change that: if this is another transaction, "
                 f"send it with other values of {fields}"
             )
         return KeyReused(
             f"the key {submission.id!r} is already used by a {stored.type} "
-            f"command with a different payload (stored payload: {shown}); "
+            f"command with a different payload (stored payload: {stored_payload}); "
             "send this command under a new key"
         )
 
@@ -414,12 +416,12 @@ class Engine:
         self._skew_held_from = None
         for key, (seq, _reason) in list(txn.pending_iter()):
             command = Command.from_record(txn.log_get(seq))
-            still = self._hold_reason(command, batch.horizon)
-            if still is None:
+            hold = self._hold_reason(command, batch.horizon)
+            if hold is None:
                 txn.pending_delete(key)
                 self.clock.observe(command.stamp, horizon=batch.horizon)
                 ready.append(_Entry(key, seq, command))
-            elif still == CLOCK_SKEW and (
+            elif hold == CLOCK_SKEW and (
                 self._skew_held_from is None or command.stamp < self._skew_held_from
             ):
                 self._skew_held_from = command.stamp

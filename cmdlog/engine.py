@@ -574,8 +574,8 @@ class Engine:
         batch.state_digest -= fold.outcome_item_hash(command_id, entry[1])
 
     def _finish(self, batch: _Batch) -> None:
-        # Every commit records its horizon, and replay holds exactly the
-        # commands beyond it, so none the horizon covers may stay held.
+        # Every commit records its horizon, and replay folds only the commands
+        # within it. So no command within the horizon may stay held here.
         held_from = self._skew_held_from
         if held_from is not None and held_from <= batch.horizon:
             self._release_ready(batch)

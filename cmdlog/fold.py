@@ -111,7 +111,7 @@ class StateOverlay:
         if state_key in self._current:
             previous = self._current[state_key]
         else:
-            # `_current` never holds a key that `_base` lacks.
+            # Every key in `_current` is also in `_base`.
             previous = self._base[state_key] = self._base_get(domain, key)
         self._current[state_key] = value
         return previous

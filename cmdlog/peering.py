@@ -426,7 +426,7 @@ class Puller:
 
 
 class PeerRefused(Exception):
-    """A peer answered /replicate with an error status; the puller retries."""
+    """An error status from a peer's /replicate. The puller retries after it."""
 
     def __init__(self, url: str, status: int, text: str) -> None:
         try:

@@ -6,8 +6,8 @@ data directory, deleted afterwards:
 
 1. Winners. Read the log in append order, compute each command's order
    key, and keep, per ID, the copy that sorts first by `(order key,
-   fingerprint)`, as the engine does. The scratch holds `ID -> seq + order
-   key` and `order key -> seq + record`, so the second pass reads the
+   fingerprint)`, as the engine does. The scratch contains `ID -> seq +
+   order key` and `order key -> seq + record`, so the second pass reads the
    winners in order from one cursor.
 2. Fold. Walk the winners in canonical order and fold every one the node
    could fold (a known type, a stamp within the skew horizon) into fresh

@@ -357,9 +357,9 @@ def test_replay_keeps_skew_hold(scratch: Path) -> None:
 def test_replay_log_digest_leaves_out_lost_copies(
     scratch: Path, worker_entries_min: int
 ) -> None:
-    """Replay's log digest, summed over every entry in a second process (0)
-    or in this one, leaves out each copy that lost its ID: a later copy, a
-    replaced one, a conflicting one, and one that lost a tie of order keys."""
+    """Replay's log digest leaves out each copy that lost its ID. The sum runs
+    in a second process (0) or in this one. The lost copies are a later copy,
+    a replaced one, a conflicting one, and one that lost a tie of order keys."""
 
     def deposit(command_id: str, amount: int, stamp: int, origin: str) -> Command:
         payload = {"account": "a0", "amount": amount}
@@ -467,9 +467,9 @@ def test_replay_holds_what_the_transaction_held(scratch: Path) -> None:
 
 
 def test_commit_releases_what_its_horizon_covers(scratch: Path) -> None:
-    """A held command whose stamp the wall clock has reached is folded by the
-    next commit of any kind, so no commit records a horizon that covers a
-    command it still holds; replay then agrees."""
+    """The next commit of any kind folds a held command that the wall clock
+    has reached. So no commit records a horizon over a held command, and
+    replay agrees."""
     wall = SteppingWall(1_000_000)
     db = Database(scratch, APP, store_config=fast_store(), now_ms=wall)
     ahead = (wall.ms + db.clock.skew_ms_max + 5_000) << LOGICAL_BITS
@@ -488,8 +488,8 @@ def test_commit_releases_what_its_horizon_covers(scratch: Path) -> None:
 
 
 def test_replay_uses_the_node_skew_setting(scratch: Path) -> None:
-    """Replay holds by the horizon the node recorded, which came from the
-    node's own skew setting, not the default one."""
+    """Replay uses the horizon the node recorded, which came from the node's
+    own skew setting, not the default one."""
     wall = SteppingWall(1_000_000)
     db = Database(
         scratch,
@@ -537,11 +537,11 @@ def test_second_process_exits_with_its_parent() -> None:
     """The second process's watch ends it once its parent is gone (its
     parent ID is no longer the one it started with), and not before."""
     watch = "import os, sys; from cmdlog.replay import _exit_with_parent; "
-    gone = subprocess.run(
+    orphaned = subprocess.run(
         [sys.executable, "-c", watch + "_exit_with_parent(os.getppid() + 1)"],
         timeout=10,
     )
-    assert gone.returncode == 1
+    assert orphaned.returncode == 1
     with pytest.raises(subprocess.TimeoutExpired):
         subprocess.run(
             [sys.executable, "-c", watch + "_exit_with_parent(os.getppid())"],
@@ -565,8 +565,8 @@ def test_key_reused_message_shows_payload_as_json(scratch: Path) -> None:
 
 def test_natural_key_reused_message_names_fields(scratch: Path) -> None:
     """A charge whose account and reference are stored with another amount is
-    refused naming those fields, not the derived ID the client never sent,
-    and says that a new key does not help."""
+    rejected naming those fields, not the derived ID the client never sent.
+    The message states that a new key does not help."""
     db = open_db(scratch)
     opened = {"account": "a0", "currency": "EUR"}
     db.submit([prepare_submission(APP, "o", "ledger.open", opened)])

@@ -85,8 +85,8 @@ def test_peers_missing_directory(
 
 
 def test_peers_none_stored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """With no peers stored, listing says so and forgetting says there is
-    nothing to forget, instead of printing nothing or 'stored: none'."""
+    """With no peers stored, listing prints that none are stored, and
+    forgetting reports that there is nothing to forget."""
     Store(tmp_path, ["ledger"]).close()
     assert main(["peers", "--data", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"no peers stored in {tmp_path}\n"

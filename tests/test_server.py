@@ -71,7 +71,7 @@ def test_serve_exits_on_bad_peer_url(tmp_path: Path) -> None:
 
 def test_serve_keeps_writing_after_log_pipe_closes(tmp_path: Path) -> None:
     """A node whose log reader went away (`cmdlog serve 2>&1 | head`) still
-    commits and answers writes, and still stops on SIGTERM."""
+    commits writes, responds to them, and stops on SIGTERM."""
     argv = [sys.executable, "-m", "cmdlog.cli", "serve", "--data", str(tmp_path)]
     process = subprocess.Popen(
         [*argv, "--listen", "127.0.0.1:0"],
@@ -137,8 +137,8 @@ def test_serve_refuses_limit_variable_below_one(
 def test_status_command_hints(
     node_factory: Callable[..., NodeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`cmdlog status` says how to fix a URL without a scheme and a missing
-    token, instead of repeating the URL or quoting the HTTP header."""
+    """`cmdlog status` names the fix for a URL without a scheme and for a
+    missing token, instead of repeating the URL or quoting the HTTP header."""
     node = node_factory(token="status-token-1")
     address = node.url.removeprefix("http://")
     assert main(["status", address]) == 1

@@ -199,10 +199,14 @@ def sort_maps(value: Any) -> Any:
     kind = type(value)
     if kind is dict:
         # Keys are unique, so sorting the pairs never compares two values.
-        return {
-            key: sort_maps(item) if type(item) in _CONTAINERS else item
-            for key, item in sorted(value.items())
-        }
+        pairs = sorted(value.items())
+        for _key, item in pairs:
+            if type(item) in _CONTAINERS:
+                return {
+                    key: sort_maps(item) if type(item) in _CONTAINERS else item
+                    for key, item in pairs
+                }
+        return dict(pairs)  # a flat map, the common payload
     if kind is list:
         return [
             sort_maps(item) if type(item) in _CONTAINERS else item for item in value
@@ -217,5 +221,5 @@ def canonical(value: Any) -> bytes:
 
 def fingerprint(type_name: str, payload: dict[str, Any]) -> bytes:
     """Hash a command's type and payload, ignoring map key order."""
-    data = canonical([type_name, payload])
+    data = pack([type_name, sort_maps(payload)])  # canonical() of the pair
     return hashlib.blake2b(data, digest_size=FINGERPRINT_BYTES).digest()

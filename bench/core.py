@@ -207,6 +207,8 @@ class ReplayResult:
     log_entries: int
     seconds: float
     matches: bool
+    passes: int = 2
+    """1 when replay folded the log as it read it (a log in canonical order)."""
 
     @property
     def rate(self) -> float:
@@ -217,7 +219,7 @@ def measure_replay(data_dir: Path) -> ReplayResult:
     started = time.perf_counter()
     report = replay(data_dir, ledger_app())
     seconds = time.perf_counter() - started
-    return ReplayResult(report.log_entries, seconds, report.matches)
+    return ReplayResult(report.log_entries, seconds, report.matches, report.passes)
 
 
 # rounds

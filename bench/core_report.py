@@ -73,7 +73,8 @@ def render(results: dict[str, Any]) -> str:
                     "≥ 30,000",
                 ],
                 [
-                    "(b) replay, `cmdlog.replay.replay`",
+                    "(b) replay, `cmdlog.replay.replay` "
+                    + _passes_label({r.replay.passes for r in rounds}),
                     spread(each(lambda r: r.replay.rate)),
                     "≥ 100,000",
                 ],
@@ -283,3 +284,9 @@ def _render_profile(name: str, found: Profile) -> str:
             "```",
         ]
     )
+
+
+def _passes_label(passes: set[int]) -> str:
+    """Name how the rounds' replays read the log, in parentheses."""
+    names = {1: "one pass", 2: "two passes"}
+    return "(" + ", ".join(names[p] for p in sorted(passes)) + ")"

@@ -79,6 +79,10 @@ REPLAY_GROUPS: list[Group] = [
         "pass 2: fold the winners in canonical order",
         [("replay.py", "_fold_winners")],
     ),
+    (
+        "one pass: fold the log as it is read (a log in canonical order)",
+        [("replay.py", "_fold_in_log_order")],
+    ),
     ("fold.apply_command (handler and state overlay)", [("fold.py", "apply_command")]),
     (
         "digest upkeep (blake2b of state, outcome and log items)",

@@ -55,7 +55,8 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"log digest     {report.log_digest}")
     print(f"  recorded     {report.recorded_log_digest}")
     rate = report.log_entries / report.seconds if report.seconds else 0.0
-    print(f"took           {report.seconds:.2f} s ({rate:,.0f} entries/s)")
+    passes = "one pass" if report.passes == 1 else "two passes"
+    print(f"took           {report.seconds:.2f} s ({rate:,.0f} entries/s, {passes})")
     print(f"digests        {verdict}")
     return 0 if report.matches else 1
 

@@ -1,28 +1,35 @@
 """Replay: rebuild a stopped node's state from its log alone.
 
 Replay reads nothing but the log: not the node's indexes, outcomes or
-state. It works in two passes over a scratch LMDB environment beside the
-data directory, deleted afterwards:
+state. It folds the log into fresh state databases in a scratch LMDB
+environment beside the data directory, deleted afterwards, in one of two
+ways:
 
-1. Winners. Read the log in append order, compute each command's order
-   key, and keep, per ID, the copy that sorts first by `(order key,
-   fingerprint)`, as the engine does. The scratch contains `ID -> seq +
-   order key` and `order key -> seq + record`, so the second pass reads the
-   winners in order from one cursor.
-2. Fold. Walk the winners in canonical order and fold every one the node
-   could fold (a known type, a stamp within the skew horizon) into fresh
-   state databases, summing outcome and state digests as the engine does.
+- One pass. A log in canonical order with one copy of each ID, which is
+  what a node that never received a peer's command has, is folded as it is
+  read. A second process (below) checks that no ID has two copies.
+- Two passes, for any other log:
+  1. Winners. Read the log in append order, compute each command's order
+     key, and keep, per ID, the copy that sorts first by `(order key,
+     fingerprint)`, as the engine does. The scratch contains `ID -> seq +
+     order key` and `order key -> seq + record`, so the second pass reads
+     the winners in order from one cursor.
+  2. Fold. Walk the winners in canonical order.
+
+Either way the fold takes every command the node could fold (a known type,
+a stamp within the skew horizon) and sums outcome and state digests as the
+engine does.
 
 The log digest needs every command's fingerprint, the costliest part of a
 command to recompute. It is computed as the sum over every log entry, less
 the copies that lost. For a long log, a second process sums the entries
-while this one runs both passes, and the first pass subtracts each copy
-that loses.
+and checks the IDs for a second copy while this one folds, and the first
+pass, when one runs, subtracts each copy that loses.
 
-The two passes are an implementation of the engine's rules separate from
-the engine, so equal digests show that the live state is exactly the fold
-of the log. Neither pass keeps more than one chunk of commands in memory,
-whatever the log's size.
+The passes are an implementation of the engine's rules separate from the
+engine, so equal digests show that the live state is exactly the fold of
+the log. No pass keeps more than one chunk of commands in memory, whatever
+the log's size.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import structlog
@@ -56,11 +64,13 @@ log = structlog.get_logger(__name__)
 CHUNK_COMMANDS = 20_000
 """Commands per scratch write transaction, and per flush of folded state."""
 WORKER_ENTRIES_MIN = 50_000
-"""Logs with at least this many entries have their log items summed by a
-second process. Starting one takes about 0.15 s, more than a shorter log
-saves."""
+"""Logs with at least this many entries have their log items summed, and
+their IDs checked, by a second process, and may be folded in one pass.
+Starting one takes about 0.15 s, more than a shorter log saves."""
 _SCRATCH_MAP_BYTES_MIN = 64 * 1024 * 1024
 _SCRATCH_PREFIX = ".replay-"
+_CHECK_DIR = "ids-check"
+"""Where, inside the scratch directory, the second process keeps the IDs it saw."""
 _PARENT_CHECK_S = 0.2
 """How often the second process checks that the replay that started it runs."""
 
@@ -77,6 +87,9 @@ class ReplayReport:
     recorded_state_digest: str
     recorded_log_digest: str
     seconds: float
+    passes: int = 2
+    """1 when the log was in canonical order with one copy per ID and was
+    folded as it was read, else 2."""
 
     @property
     def matches(self) -> bool:
@@ -128,17 +141,33 @@ def replay(
             horizon = HybridClock(skew_ms_max=skew_ms_max).horizon_at(clock_ms)
         domains = list(app.domains)
         with contextlib.ExitStack() as stack:
-            worker = None
+            checker = None
             if log_length >= worker_entries_min:
-                worker = stack.enter_context(_Summer(path, domains))
+                checker = stack.enter_context(
+                    _Checker(path, domains, scratch_dir / _CHECK_DIR)
+                )
             scratch = _Scratch(scratch_dir, app, map_bytes=2 * source.map_bytes())
             stack.callback(scratch.close)
-            entries, lost_items = _find_winners(source, scratch)
-            folded = _fold_winners(scratch, app, horizon=horizon)
-            all_items = None if worker is None else worker.result()
-            if all_items is None:
-                all_items = sum_log_items(source)
-            folded.log_digest = all_items - lost_items
+            folded = None
+            if checker is not None:
+                folded = _fold_in_log_order(source, scratch, app, horizon=horizon)
+            if folded is not None:
+                check = checker.result() if checker is not None else None
+                if check is not None and check.unique:
+                    entries, passes = log_length, 1
+                    folded.log_digest = check.items
+                else:
+                    folded = None
+            if folded is None:
+                scratch.clear_state()  # of a one-pass fold that stopped
+                entries, lost_items = _find_winners(source, scratch)
+                folded = _fold_winners(scratch, app, horizon=horizon)
+                check = checker.result() if checker is not None else None
+                all_items = check.items if check is not None else None
+                if all_items is None:
+                    all_items = sum_log_items(source)
+                folded.log_digest = all_items - lost_items
+                passes = 2
     finally:
         source.close()
         lock.release()
@@ -153,10 +182,12 @@ def replay(
         recorded_state_digest=recorded_state,
         recorded_log_digest=recorded_log,
         seconds=time.monotonic() - started,
+        passes=passes,
     )
     log.info(
         "replay_completed",
         log_entries=entries,
+        passes=passes,
         matches=report.matches,
         duration_s=round(report.seconds, 3),
     )
@@ -182,6 +213,11 @@ class _Scratch:
             for domain in app.domains
         }
 
+    def clear_state(self) -> None:
+        with self.env.begin(write=True) as txn:
+            for db in self.state.values():
+                txn.drop(db, delete=False)
+
     def close(self) -> None:
         self.env.close()
 
@@ -199,27 +235,40 @@ def _log_chunks(source: Store) -> Iterator[list[tuple[bytes, bytes]]]:
         after = int.from_bytes(chunk[-1][0], "big")
 
 
-class _Summer:
-    """`sum_log_items` in a second process (`python -m cmdlog.replay`), so
-    it runs beside the passes on another core. A new interpreter, not a
-    fork: the caller may have threads, and `multiprocessing`'s spawn would
-    run the caller's main module again.
+@dataclass(frozen=True, slots=True)
+class _LogCheck:
+    items: int
+    """The sum of `fold.log_item_hash` over every log entry."""
+    unique: bool
+    """Whether every ID has one copy in the log."""
+
+
+class _Checker:
+    """`check_log` in a second process (`python -m cmdlog.replay`), so it
+    runs beside the fold on another core. A new interpreter, not a fork: the
+    caller may have threads, and `multiprocessing`'s spawn would run the
+    caller's main module again.
 
     The second process imports cmdlog from where this one did, never from
     its working directory (`-P`), so both run the same code. It only saves
     time, so when it cannot start or fails, `result` logs why and returns
-    None, and the caller sums the items itself.
+    None, and the caller works without it.
     """
 
-    def __init__(self, path: Path, domains: list[str]) -> None:
+    def __init__(self, path: Path, domains: list[str], ids_dir: Path) -> None:
         self._process: subprocess.Popen[str] | None = None
+        self._result: _LogCheck | None = None
+        self._done = False
         package_root = str(Path(__file__).resolve().parent.parent)
         search_path = os.environ.get("PYTHONPATH")
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [package_root, search_path])),
         }
-        argv = [sys.executable, "-P", "-m", "cmdlog.replay", str(path), *domains]
+        argv = [
+            sys.executable, "-P", "-m", "cmdlog.replay", str(path), str(ids_dir),
+            *domains,
+        ]  # fmt: skip
         try:
             self._process = subprocess.Popen(
                 argv,
@@ -229,9 +278,9 @@ class _Summer:
                 env=env,
             )
         except OSError as exc:
-            log.warning("replay_summer_not_started", error=str(exc))
+            log.warning("replay_checker_not_started", error=str(exc))
 
-    def __enter__(self) -> _Summer:
+    def __enter__(self) -> _Checker:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -241,18 +290,21 @@ class _Summer:
             self._process.kill()
         self._process.communicate()
 
-    def result(self) -> int | None:
-        if self._process is None:
-            return None
+    def result(self) -> _LogCheck | None:
+        """Wait for the second process and return its check, or None if it failed."""
+        if self._process is None or self._done:
+            return self._result
+        self._done = True
         out, err = self._process.communicate()
-        lines = out.split()
-        try:
-            if self._process.returncode == 0 and lines:
-                return int(lines[-1], 16)
-        except ValueError:
-            pass
+        fields = out.split()
+        if self._process.returncode == 0 and len(fields) == 2:
+            items, unique = fields
+            with contextlib.suppress(ValueError):
+                if unique in ("0", "1"):
+                    self._result = _LogCheck(int(items, 16), unique == "1")
+                    return self._result
         log.warning(
-            "replay_summer_failed",
+            "replay_checker_failed",
             exit_code=self._process.returncode,
             stderr=err.strip()[-500:],
         )
@@ -273,10 +325,37 @@ def sum_log_items(source: Store) -> int:
     total = 0
     for chunk in _log_chunks(source):
         for _seq, record in chunk:
-            command_id, type_name, payload, _stamp, _origin = codec.unpack(record)
-            fingerprint = codec.fingerprint(type_name, payload)
-            total += fold.log_item_hash(command_id, fingerprint)
+            total += _log_item(codec.unpack(record))
     return total
+
+
+def _log_item(fields: list[Any]) -> int:
+    command_id, type_name, payload, _stamp, _origin = fields
+    return fold.log_item_hash(command_id, codec.fingerprint(type_name, payload))
+
+
+def check_log(source: Store, ids_dir: Path) -> _LogCheck:
+    """Sum the log's items, and find whether any ID has two copies, keeping
+    the IDs seen in an LMDB environment in `ids_dir`."""
+    total = 0
+    unique = True
+    env = lmdb.open(
+        str(ids_dir),
+        map_size=max(source.map_bytes(), _SCRATCH_MAP_BYTES_MIN),
+        sync=False,
+        metasync=False,
+    )
+    try:
+        for chunk in _log_chunks(source):
+            with env.begin(write=unique) as txn:
+                for _seq, record in chunk:
+                    fields = codec.unpack(record)
+                    total += _log_item(fields)
+                    if unique and not txn.put(fields[0].encode(), b"", overwrite=False):
+                        unique = False
+    finally:
+        env.close()
+    return _LogCheck(total, unique)
 
 
 def _find_winners(source: Store, scratch: _Scratch) -> tuple[int, int]:
@@ -330,9 +409,37 @@ class _Folded:
     log_digest: int = 0
 
 
+def _fold_in_log_order(
+    source: Store, scratch: _Scratch, app: App, *, horizon: int
+) -> _Folded | None:
+    """Fold the log as it is read, if append order is canonical order (one pass).
+
+    Return the totals, or None at the first entry that sorts before the
+    entry ahead of it; the scratch state then contains part of the log. A
+    second copy of an ID is not detected here.
+    """
+    totals = _Folded()
+    previous: tuple[int, str, str] = (-1, "", "")
+    unpack = codec.unpack
+    for chunk in _log_chunks(source):
+        commands = []
+        for _seq, record in chunk:
+            command = Command.from_record(unpack(record))
+            # The tuple sorts as the order key does (see cmdlog.model).
+            position = (command.stamp, command.origin, command.id)
+            if position <= previous:
+                return None
+            previous = position
+            commands.append(command)
+        with scratch.env.begin(write=True) as txn:
+            _fold_chunk(commands, txn, scratch, app, horizon, totals)
+    return totals
+
+
 def _fold_winners(scratch: _Scratch, app: App, *, horizon: int) -> _Folded:
     """Fold the winners in canonical order into fresh state (pass 2)."""
     totals = _Folded()
+    unpack = codec.unpack
     after = b""
     while True:
         with scratch.env.begin() as read:
@@ -346,13 +453,16 @@ def _fold_winners(scratch: _Scratch, app: App, *, horizon: int) -> _Folded:
                             break
         if not chunk:
             return totals
+        commands = [
+            Command.from_record(unpack(value[SEQ_BYTES:])) for _key, value in chunk
+        ]
         with scratch.env.begin(write=True) as txn:
-            _fold_chunk(chunk, txn, scratch, app, horizon, totals)
+            _fold_chunk(commands, txn, scratch, app, horizon, totals)
         after = chunk[-1][0]
 
 
 def _fold_chunk(
-    chunk: list[tuple[bytes, bytes]],
+    commands: list[Command],
     txn: lmdb.Transaction,
     scratch: _Scratch,
     app: App,
@@ -366,16 +476,19 @@ def _fold_chunk(
 
     overlay = StateOverlay(state_get)
     types = app.types
-    unpack = codec.unpack
-    for _key, value in chunk:
-        command = Command.from_record(unpack(value[SEQ_BYTES:]))
-        totals.commands += 1
+    apply_command, pack_outcome = fold.apply_command, fold.pack_outcome
+    outcome_item_hash = fold.outcome_item_hash
+    outcomes_sum = 0
+    applied = 0
+    for command in commands:
         if command.type not in types or command.stamp > horizon:
             continue  # held pending on the node as well
-        outcome, _undo = fold.apply_command(app, overlay, command)
-        packed = fold.pack_outcome(outcome)
-        totals.state_digest += fold.outcome_item_hash(command.id, packed)
-        totals.applied += 1
+        outcome, _undo = apply_command(app, overlay, command)
+        outcomes_sum += outcome_item_hash(command.id, pack_outcome(outcome))
+        applied += 1
+    totals.commands += len(commands)
+    totals.applied += applied
+    totals.state_digest += outcomes_sum
 
     for domain, state_key, base, current in overlay.changes():
         db = state_dbs[domain]
@@ -388,16 +501,17 @@ def _fold_chunk(
             txn.put(state_key, current, db=db)
 
 
-def _summer_main(path: str, domains: list[str]) -> None:
-    """Print the sum of the log's items in hexadecimal (the second process
-    of `_Summer`). Anything else it prints goes to stderr, and it exits if
-    the replay that started it dies."""
+def _checker_main(path: str, ids_dir: str, domains: list[str]) -> None:
+    """Print `check_log`'s sum in hexadecimal and 1 or 0 for unique IDs (the
+    second process of `_Checker`). Anything else it prints goes to stderr,
+    and it exits if the replay that started it dies."""
     result, sys.stdout = sys.stdout, sys.stderr
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     source = Store(path, domains, readonly=True)
     try:
-        print(f"{sum_log_items(source):x}", file=result)
+        check = check_log(source, Path(ids_dir))
+        print(f"{check.items:x} {int(check.unique)}", file=result)
     finally:
         source.close()
 
@@ -410,4 +524,4 @@ def _exit_with_parent(parent: int) -> None:
 
 
 if __name__ == "__main__":
-    _summer_main(sys.argv[1], sys.argv[2:])
+    _checker_main(sys.argv[1], sys.argv[2], sys.argv[3:])

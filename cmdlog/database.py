@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from cmdlog import catalog, codec
+from cmdlog import catalog, codec, epochs
 from cmdlog.app import App
 from cmdlog.config import ClockConfig, StoreConfig
 from cmdlog.engine import Accepted, Engine, IngestReport, Status, Submission
@@ -63,6 +63,8 @@ class Database:
         identity = self.store.write(self._identity)
         self.node_id: str = identity["node_id"]
         self.log_instance: str = identity["log_instance"]
+        self.epochs: list[epochs.Epoch] = identity["epochs"]
+        """The processes that appended the log, this one last (see `cmdlog.epochs`)."""
         self.clock = HybridClock(
             now_ms=now_ms, last=identity["clock"], skew_ms_max=clock_config.skew_ms_max
         )
@@ -102,17 +104,21 @@ class Database:
                     "Serve an app that still registers it"
                 )
 
-    @staticmethod
-    def _identity(txn: Txn) -> dict[str, Any]:
+    def _identity(self, txn: Txn) -> dict[str, Any]:
         node_id = txn.meta_get("node_id")
         if node_id is None:
             node_id = secrets.token_hex(NODE_ID_BYTES)
             txn.meta_put("node_id", node_id)
             txn.meta_put("log_instance", secrets.token_hex(16))
+        log_epochs = epochs.begin(
+            txn.meta_get("epochs", []), txn.log_last_seq() + 1, self.boot
+        )
+        txn.meta_put("epochs", log_epochs)
         return {
             "node_id": node_id,
             "log_instance": txn.meta_get("log_instance"),
             "clock": txn.meta_get("clock", 0),
+            "epochs": log_epochs,
         }
 
     # writes (writer thread only)

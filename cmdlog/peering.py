@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from cmdlog import frames, replication
+from cmdlog import epochs, frames, replication
 from cmdlog.config import ReplicationConfig
 from cmdlog.engine import IngestReport
 from cmdlog.errors import (
@@ -48,9 +48,9 @@ log = structlog.get_logger(__name__)
 STREAM_CONTENT_TYPE = "application/x-cmdlog-frames"
 READ_CHUNK_BYTES = 64 * 1024
 
-_Received = tuple[list[tuple[int, Command]], int]
-"""A commands frame as the puller queues it: its entries, and the sequence
-number it covers through."""
+_Received = tuple[list[tuple[int, Command]], int, str | None]
+"""A commands frame as the puller queues it: its entries, the sequence
+number it covers through, and the peer's epoch of that number."""
 
 
 class CommitSignal:
@@ -112,6 +112,7 @@ async def serve_stream(
         raise InvalidArgument(exc.message) from exc
     after = _int_arg(request, "after", default=0)
     reader = _reader_arg(request)
+    reader_epoch = _epoch_arg(request)
     database = node.database
     instance = request.query.get("instance")
     if instance and instance != database.log_instance:
@@ -133,9 +134,20 @@ async def serve_stream(
     log.info("stream_opened", after_seq=after, remote=request.remote)
     try:
         head = replication.log_head(database)
-        hello = replication.hello_frame(database, head, after=after)
+        start = epochs.resume_point(database.epochs, head, after, reader_epoch)
+        if start < after:
+            log.warning(
+                "stream_rewound",
+                requested_after=after,
+                after_seq=start,
+                remote=request.remote,
+                hint="this log went back, as after a restore from a backup",
+            )
+        hello = replication.hello_frame(
+            database, head, after=start, rewound=start < after
+        )
         await _write(response, hello, write_timeout_s)
-        cursor = after
+        cursor = start
         while not node.closing.is_set():
             wake = node.commit_signal.current()
             entries, through, head = replication.read_log_chunk(
@@ -146,7 +158,12 @@ async def serve_stream(
                 reader=reader,
             )
             if through > cursor:
-                frame = {"t": frames.COMMANDS, "entries": entries, "head": head}
+                frame = {
+                    "t": frames.COMMANDS,
+                    "entries": entries,
+                    "head": head,
+                    "epoch": epochs.boot_at(database.epochs, through),
+                }
                 if reader is not None:
                     frame["through"] = through
                 await _write(response, frame, write_timeout_s)
@@ -191,6 +208,19 @@ async def _wait_any(
         for waiter in waiters:
             waiter.cancel()
     return bool(done)
+
+
+def _epoch_arg(request: web.Request) -> str | None:
+    """Return the `?epoch=` a reader recorded for its cursor, or None without one."""
+    epoch = request.query.get("epoch")
+    if epoch is None:
+        return None
+    if not replication.BOOT_PATTERN.fullmatch(epoch):
+        raise InvalidArgument(
+            f"epoch {epoch[:80]!r} is not a boot name (1 to 64 hex digits); "
+            "send the epoch of the last commands frame read, or none"
+        )
+    return epoch
 
 
 def _reader_arg(request: web.Request) -> replication.Reader | None:
@@ -293,6 +323,9 @@ class Puller:
         }
         if self.peer.instance:
             query["instance"] = self.peer.instance
+        if self.peer.epoch and self.peer.cursor > 0:
+            # Lets the peer notice that its log went back past the cursor.
+            query["epoch"] = self.peer.epoch
         # Naming this node and process lets the peer skip the copies it
         # received from here.
         query["node"] = self.node.node_id
@@ -365,19 +398,30 @@ class Puller:
                     )
                     if through > received_seq:
                         received_seq = through
-                        await _put_or_fail(queue, (entries, through), ingester)
+                        epoch = replication.parse_epoch(frame.get("epoch"))
+                        await _put_or_fail(queue, (entries, through, epoch), ingester)
                 elif kind != frames.HEARTBEAT:
                     raise FrameError(f"unknown replication frame kind {kind!r}")
         reader.close()
 
     async def _accept_hello(self, hello: dict[str, Any]) -> None:
+        cursor_before = self.peer.cursor
         reset = replication.accept_hello(self.peer, hello, self_node=self.node.node_id)
         self.peer.connected = True
         self.peer.error = None
         record = self.peer.to_record()
         url = self.peer.url
         await self.node.writer.run(lambda txn: txn.peer_put(url, record))
-        if reset:
+        if reset and hello.get("rewound") is True:
+            log.warning(
+                "peer_log_rewound",
+                peer=url,
+                node=self.peer.node,
+                cursor_before=cursor_before,
+                cursor=self.peer.cursor,
+                hint="the peer's log went back, as after a restore from a backup",
+            )
+        elif reset:
             log.warning("peer_log_replaced", peer=url, node=self.peer.node)
         log.info(
             "peer_connected",
@@ -394,22 +438,24 @@ class Puller:
             received = await queue.get()
             if received is None:
                 return
-            batch, through = list(received[0]), received[1]
+            batch, through, epoch = list(received[0]), received[1], received[2]
             while len(batch) < self.config.ingest_commands_max and not queue.empty():
                 more = queue.get_nowait()
                 if more is None:
                     done = True
                     break
                 batch += more[0]
-                through = more[1]
-            await self._commit(batch, through)
+                through, epoch = more[1], more[2]
+            await self._commit(batch, through, epoch)
 
-    async def _commit(self, batch: list[tuple[int, Command]], through: int) -> None:
+    async def _commit(
+        self, batch: list[tuple[int, Command]], through: int, epoch: str | None
+    ) -> None:
         """Ingest `batch` and store the cursor `through` in one transaction."""
         commands = [command for _seq, command in batch]
         url = self.peer.url
         source = self.peer.source()
-        record = {**self.peer.to_record(), "cursor": through}
+        record = {**self.peer.to_record(), "cursor": through, "epoch": epoch}
         engine = self.node.database.engine
 
         def work(txn: Txn) -> IngestReport:
@@ -420,7 +466,7 @@ class Puller:
             return report
 
         report = await self.node.writer.run(work, size=len(commands))
-        self.peer.cursor = through
+        self.peer.cursor, self.peer.epoch = through, epoch
         if report.conflicts:
             self.node.conflicts_seen += len(report.conflicts)
 
@@ -479,6 +525,7 @@ class Peers:
             peer.node = record.get("node")
             peer.instance = record.get("instance")
             peer.cursor = int(record.get("cursor", 0))
+            peer.epoch = replication.parse_epoch(record.get("epoch"))
         puller = Puller(self.node, peer, self.config)
         self.pullers[url] = puller
         puller.start()
@@ -488,7 +535,7 @@ class Peers:
         """Start pulling from a peer that announced itself, and remember it."""
         if url in self.pullers or url == self.node.advertise_url:
             return
-        record = {"node": None, "instance": None, "cursor": 0}
+        record = PeerState(url).to_record()
         await self.node.writer.run(lambda txn: txn.peer_put(url, record))
         log.info("peer_learned", peer=url)
         self._start_puller(url, None)

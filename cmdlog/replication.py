@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cmdlog import codec, frames
+from cmdlog import codec, epochs, frames
 from cmdlog.database import Database
 from cmdlog.errors import MalformedBody, VersionMismatch
 from cmdlog.frames import FrameError
@@ -113,10 +113,16 @@ def read_log_chunk(
     return entries, through, head
 
 
-def hello_frame(database: Database, head: int, *, after: int) -> dict[str, Any]:
-    return {
+def hello_frame(
+    database: Database, head: int, *, after: int, rewound: bool = False
+) -> dict[str, Any]:
+    """Build a stream's first frame. With `rewound`, the frame marks a stream
+    that starts before the reader's cursor, because this log no longer has
+    what the reader read after `after` (see `cmdlog.epochs`)."""
+    hello = {
         "t": frames.HELLO,
         "after": after,
+        "epoch": epochs.boot_at(database.epochs, after),
         "version": frames.PROTOCOL_VERSION,
         "node": database.node_id,
         "instance": database.log_instance,
@@ -124,6 +130,9 @@ def hello_frame(database: Database, head: int, *, after: int) -> dict[str, Any]:
         "head": head,
         "types": database.app.type_names(),
     }
+    if rewound:
+        hello["rewound"] = True
+    return hello
 
 
 def check_version(version: Any) -> None:
@@ -145,6 +154,8 @@ class PeerState:
     boot: str | None = None
     """The peer's process, from its hello; None from a release without it."""
     cursor: int = 0
+    epoch: str | None = None
+    """The peer's boot that appended the entry at `cursor`, from its frames."""
     head: int = 0
     connected: bool = False
     types: tuple[str, ...] = ()
@@ -161,7 +172,12 @@ class PeerState:
         return self.node, self.boot
 
     def to_record(self) -> dict[str, Any]:
-        return {"node": self.node, "instance": self.instance, "cursor": self.cursor}
+        return {
+            "node": self.node,
+            "instance": self.instance,
+            "cursor": self.cursor,
+            "epoch": self.epoch,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,7 +192,10 @@ class PeerState:
 
 
 def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> bool:
-    """Apply a stream's hello to `peer`; return True if the cursor was reset.
+    """Apply a stream's hello to `peer`; return True if the cursor went back.
+
+    The cursor goes back to 0 for a replaced log, and to the end of the part
+    that still matches for a log restored from a backup.
 
     Raises `VersionMismatch` for another protocol version and `FrameError`
     for a malformed hello. A hello from this very node (a peer URL that
@@ -199,16 +218,29 @@ def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> b
     after = hello.get("after")
     reset = peer.instance is not None and peer.instance != instance
     if reset:
-        peer.cursor = 0
+        peer.cursor, peer.epoch = 0, None
+    rewound = hello.get("rewound") is True
+    if rewound and type(after) is int and 0 <= after < peer.cursor:
+        # The peer's log went back (a restore from a backup): what this node
+        # read after `after` is not in it, so reading resumes there.
+        peer.cursor, peer.epoch = after, parse_epoch(hello.get("epoch"))
     if after != peer.cursor:
         raise FrameError(
             f"the stream starts after sequence {after!r}, but this node asked for "
             f"{peer.cursor}"
         )
     peer.node, peer.instance, peer.head = node, instance, head
+    peer.epoch = parse_epoch(hello.get("epoch")) or peer.epoch
     boot = hello.get("boot")
     peer.boot = boot if type(boot) is str and BOOT_PATTERN.fullmatch(boot) else None
-    return reset
+    return reset or rewound
+
+
+def parse_epoch(value: Any) -> str | None:
+    """Return a frame's epoch (a boot name), or None for a missing or malformed one."""
+    if type(value) is str and BOOT_PATTERN.fullmatch(value):
+        return value
+    return None
 
 
 def parse_entries(

@@ -440,6 +440,8 @@ HELLO_FIELDS = {
     "head": st.integers(0, 10),
     "after": st.just("CURSOR") | st.integers(0, 10),
     "types": st.lists(st.text(max_size=8), max_size=3),
+    "epoch": st.none() | st.from_regex(r"\A[0-9a-f]{1,16}\Z") | st.text(max_size=4),
+    "rewound": st.booleans() | st.integers(0, 1),
 }
 
 
@@ -480,7 +482,15 @@ def test_accept_hello_any_hello(
 
     event("reset" if reset else "accepted")
     assert type(reset) is bool
-    assert peer.cursor == (0 if reset else cursor)
+    expected = cursor
+    if instance is not None and instance != hello_frame.get("instance"):
+        expected = 0  # a replaced log is read from its start
+    after = hello_frame.get("after")
+    if hello_frame.get("rewound") is True and type(after) is int and after < expected:
+        expected = after  # a log that went back is read from where it matches
+    assert peer.cursor == expected
+    assert reset or peer.cursor == cursor
+    assert peer.epoch is None or replication.BOOT_PATTERN.fullmatch(peer.epoch)
     assert type(peer.node) is str
     assert replication.ORIGIN_PATTERN.fullmatch(peer.node)
     assert type(peer.instance) is str

@@ -360,3 +360,43 @@ async def test_restored_node_gets_lost_copies_back(
     assert restored == len(ACCOUNTS) * 2 + 50
     assert final[0]["commands"] == states[0]["commands"]
     assert final[0]["digest"] == states[0]["digest"]
+
+
+@pytest.mark.slow
+async def test_restored_node_new_writes_reach_readers(
+    node_factory: Factory, tmp_path: Path
+) -> None:
+    """A node restored from a backup appends new commands under sequence
+    numbers that the lost commands had. A reader whose cursor was past the
+    backup point still gets every new command, also when the restored log
+    has grown past that cursor before the reader reconnects."""
+    source = node_factory("source")
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await open_accounts(session, source.url)
+        await deposits(session, source.url, "kept", 30)
+        source.terminate()
+        backup = tmp_path / "backup"
+        shutil.copytree(source.data_dir, backup)
+        source.start()
+        follower = node_factory("follower", peers=(source.url,))
+        await deposits(session, source.url, "lost", 40)
+        before = await wait_converged(session, [source.url, follower.url])
+
+        follower.terminate()
+        source.terminate()
+        shutil.rmtree(source.data_dir)
+        shutil.copytree(backup, source.data_dir)
+        source.start()
+        await deposits(session, source.url, "fresh", 60)
+        follower.start()
+        final = await wait_converged(session, [source.url, follower.url])
+        fresh_on_follower = []
+        for i in range(60):
+            code, view = await get_json(session, f"{follower.url}/commands/fresh-{i}")
+            fresh_on_follower.append((code, view["outcome"]["status"]))
+
+    assert before[1]["peers"][0]["cursor"] == len(ACCOUNTS) * 2 + 70
+    assert final[1]["commands"] == len(ACCOUNTS) * 2 + 130
+    assert final[0]["digest"] == final[1]["digest"]
+    assert fresh_on_follower == [(200, "applied")] * 60

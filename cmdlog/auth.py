@@ -7,9 +7,12 @@ the command ID is `principal/key`, so no client can read or replay another
 client's command by guessing its key. IDs derived from a natural key are
 not scoped, since the payload fields already name the transaction.
 
-Peers authenticate on `GET /replicate` with the peer token when one is set;
-otherwise with any client token. Tokens are compared in constant time and
-never logged.
+Peers authenticate on `GET /replicate` with the peer token when one is set.
+Without one, the cluster token (a node's only principal) serves peers too;
+a node with several principals then refuses every stream, since a stream
+carries every principal's commands and its announce makes the node pull
+from the announced URL. Tokens are compared in constant time and never
+logged.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ class Credentials:
         return found
 
     def is_peer(self, authorization: str | None) -> bool:
-        if self.peer_token is None:
-            return self.principal(authorization) is not None
-        return hmac.compare_digest(_bearer(authorization), self.peer_token.encode())
+        if self.peer_token is not None:
+            return hmac.compare_digest(_bearer(authorization), self.peer_token.encode())
+        if self.scoped:
+            return False  # no principal may read the others' commands
+        return self.principal(authorization) is not None
 
     def outgoing_peer_token(self) -> str | None:
         """Return the token this node sends to its peers, or None."""

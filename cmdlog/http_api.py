@@ -216,6 +216,12 @@ def make_auth(credentials: Credentials) -> Callable[..., Any]:
             return await handler(request)
         header = request.headers.get("Authorization")
         if request.path == "/replicate":
+            if credentials.scoped and credentials.peer_token is None:
+                raise Unauthorized(
+                    "/replicate needs the peer token, and this node has none: a "
+                    "node with several principals serves streams only to peers; "
+                    "start every node with the same --peer-token-file"
+                )
             if not credentials.is_peer(header):
                 raise Unauthorized(
                     "missing or wrong peer token on /replicate; a node sends the "

@@ -116,6 +116,32 @@ async def test_replicate_needs_peer_token(
     assert statuses == {"none": 401, "client": 401, "peer": 200}
 
 
+async def test_principal_tokens_do_not_open_replicate(
+    node_factory: Factory, tmp_path: Path
+) -> None:
+    """With several principals and no peer token, no client token opens
+    /replicate: a stream would show one principal the others' commands, and
+    its announce would make the node pull from any URL. The 401 says to set
+    the peer token, and the announced URL is not learned."""
+    node = node_factory(extra_args=("--tokens-file", str(tokens_file(tmp_path))))
+    announce = "http://127.0.0.1:9/"
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await post(session, node.url, BOB, "bob-private", OPEN)
+        async with session.get(
+            f"{node.url}/replicate",
+            params={"after": "0", "announce": announce},
+            headers=auth(ALICE),
+        ) as response:
+            refused = response.status
+            error = (await response.json())["error"]
+        async with session.get(f"{node.url}/status", headers=auth(ALICE)) as response:
+            peers = (await response.json())["peers"]
+    assert refused == 401
+    assert "--peer-token-file" in error["message"]
+    assert peers == []
+
+
 async def test_peers_replicate_with_peer_token(
     node_factory: Factory, tmp_path: Path
 ) -> None:

@@ -90,3 +90,5 @@ class ReplicationConfig:
     """A stream that sends nothing, not even a heartbeat, for this long is
     treated as dead and reconnected."""
     streams_max: int = 64
+    learned_peers_max: int = 64
+    """Peers a node learns from announces; more announces are ignored."""

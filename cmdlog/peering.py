@@ -88,6 +88,12 @@ def normalize_url(url: str) -> str:
         raise InvalidArgument(
             f"peer URL {url!r} is not an http:// or https:// URL with a host"
         )
+    if parsed.username is not None or parsed.password is not None:
+        # It would be stored, shown in /status and logged.
+        raise InvalidArgument(
+            "peer URL carries a user name or password; remove it and give "
+            "nodes the peer token with --peer-token-file"
+        )
     return urllib.parse.urlunsplit(
         (parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", "")
     )
@@ -119,13 +125,14 @@ async def serve_stream(
         # The cursor counts in another log; this one is read from its start.
         after = 0
     announce = request.query.get("announce")
-    if announce:
-        await node.peers.learn(normalize_url(announce))
+    announced = normalize_url(announce) if announce else None
     if node.peers.streams >= config.streams_max:
         raise Overloaded(
             f"this node already serves {config.streams_max} replication streams; "
             "retry later"
         )
+    if announced:
+        await node.peers.learn(announced)
 
     response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
     await response.prepare(request)
@@ -407,6 +414,12 @@ class Puller:
     async def _accept_hello(self, hello: dict[str, Any]) -> None:
         cursor_before = self.peer.cursor
         reset = replication.accept_hello(self.peer, hello, self_node=self.node.node_id)
+        other = self.node.peers.pulled_elsewhere(self.peer)
+        if other is not None:
+            raise FrameError(
+                f"{self.peer.url} reaches node {self.peer.node}, which this node "
+                f"already pulls from at {other}; remove one of the two URLs"
+            )
         self.peer.connected = True
         self.peer.error = None
         record = self.peer.to_record()
@@ -509,9 +522,11 @@ class Peers:
         self.node = node
         self.config = config
         self.pullers: dict[str, Puller] = {}
+        self.configured: set[str] = set()
         self.streams = 0
 
     async def start(self, configured: list[str]) -> None:
+        self.configured = {normalize_url(url) for url in configured}
         with self.node.database.store.read() as txn:
             stored = txn.peers()
         for url in [*configured, *stored]:
@@ -531,9 +546,32 @@ class Peers:
         puller.start()
         log.info("puller_started", peer=url, cursor=peer.cursor)
 
+    def pulled_elsewhere(self, peer: PeerState) -> str | None:
+        """Return the URL of another puller of `peer.node` that `peer`'s puller
+        yields to, or None. A configured URL never yields; of two learned
+        ones, the greater URL yields."""
+        if peer.url in self.configured:
+            return None
+        for url, puller in self.pullers.items():
+            same_node = url != peer.url and puller.peer.node == peer.node
+            if same_node and (url in self.configured or url < peer.url):
+                return url
+        return None
+
     async def learn(self, url: str) -> None:
-        """Start pulling from a peer that announced itself, and remember it."""
+        """Start pulling from a peer that announced itself, and remember it,
+        unless this node already learned `learned_peers_max` peers."""
         if url in self.pullers or url == self.node.advertise_url:
+            return
+        learned = len(self.pullers) - len(self.configured)
+        if learned >= self.config.learned_peers_max:
+            log.warning(
+                "peer_not_learned",
+                peer=url,
+                learned=learned,
+                hint="forget unused peers with 'cmdlog peers --forget', or add "
+                "this one with --peer",
+            )
             return
         record = PeerState(url).to_record()
         await self.node.writer.run(lambda txn: txn.peer_put(url, record))

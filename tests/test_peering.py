@@ -170,3 +170,76 @@ async def test_sigterm_with_open_streams(node_factory: Factory) -> None:
     assert code == 0
     assert stop_s < 3.0
     assert after["commands"] == 50
+
+
+async def open_stream(
+    session: aiohttp.ClientSession, url: str, announce: str
+) -> tuple[int, str]:
+    """Open /replicate announcing `announce`, read its start, and close it.
+
+    A node notices a closed stream at its next heartbeat (1 s), so a 503 for
+    all stream slots taken is retried for up to 5 s.
+    """
+    params = {"after": "0", "announce": announce}
+    deadline = time.monotonic() + 5
+    while True:
+        async with session.get(f"{url}/replicate", params=params) as response:
+            if response.status == 200:
+                await response.content.readany()
+                return response.status, ""
+            text = await response.text()
+        if response.status != 503 or time.monotonic() > deadline:
+            return response.status, text
+        await asyncio.sleep(0.2)
+
+
+async def test_announce_with_credentials_refused(node_factory: Factory) -> None:
+    """An announced URL with a user name and password is refused with 400
+    and not stored, since it would show in /status and the logs."""
+    node = node_factory()
+    async with aiohttp.ClientSession() as session:
+        code, text = await open_stream(
+            session, node.url, "http://user:secret@127.0.0.1:9"
+        )
+        peers = (await status(session, node.url))["peers"]
+    assert code == 400
+    assert "--peer-token-file" in text
+    assert "secret" not in text
+    assert peers == []
+
+
+async def test_learned_peers_bounded(node_factory: Factory) -> None:
+    """Announces past `learned_peers_max` (64) are not learned."""
+    node = node_factory()
+    async with aiohttp.ClientSession() as session:
+        for port in range(20_001, 20_066):
+            code, _text = await open_stream(
+                session, node.url, f"http://127.0.0.1:{port}"
+            )
+            assert code == 200
+        peers = (await status(session, node.url))["peers"]
+    assert len(peers) == 64
+    assert "http://127.0.0.1:20065" not in {peer["url"] for peer in peers}
+
+
+async def test_second_url_of_pulled_node_stops(node_factory: Factory) -> None:
+    """A learned URL that reaches a node this node already pulls from under
+    its configured URL stops with an error naming both."""
+    source = node_factory("source")
+    node = node_factory("node", peers=(source.url,))
+    alias = source.url.replace("127.0.0.1", "localhost")
+    async with aiohttp.ClientSession() as session:
+        await post_command(session, source.url, "o1", *OPEN)
+        code, _text = await open_stream(session, node.url, alias)
+        deadline = time.monotonic() + 10
+        errors: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            peers = (await status(session, node.url))["peers"]
+            errors = {peer["url"]: peer["error"] for peer in peers}
+            if errors.get(alias):
+                break
+            await asyncio.sleep(0.05)
+    assert code == 200
+    assert errors[source.url] is None
+    assert source.url in errors[alias]
+    assert "already pulls from" in errors[alias]

@@ -60,7 +60,11 @@ class HttpConfig:
     Commands arriving by replication are held to the same limit."""
     batch_items_max: int = 1_000
     connections_max: int = 1_024
-    """Open client connections; a request on a connection above this gets 503."""
+    """Open client connections; a request on a connection above this gets 503
+    and the connection is closed."""
+    idle_timeout_s: float = 30.0
+    """How long a connection may wait for its next request, or its first,
+    before the node closes it, so idle connections do not hold the limit."""
     requests_in_flight_max: int = 2_048
     """Requests being handled at once; above this a request gets 503."""
     shutdown_timeout_s: float = 10.0

@@ -129,6 +129,8 @@ class Overloaded(Unavailable):
     """More requests are in flight than the node's limits allow."""
 
     code = "overloaded"
+    close_connection = False
+    """Whether the answer closes its connection, to free a connection slot."""
 
 
 class ShuttingDown(Unavailable):

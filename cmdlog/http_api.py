@@ -91,7 +91,10 @@ def respond_error(request: web.Request, error: CmdlogError) -> web.Response:
         headers["Retry-After"] = str(getattr(error, "retry_after_s", 1))
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="cmdlog"'
-    return respond(request, error_body(error), error.status, headers)
+    response = respond(request, error_body(error), error.status, headers)
+    if getattr(error, "close_connection", False):
+        response.force_close()
+    return response
 
 
 # middlewares
@@ -160,6 +163,9 @@ class Limits:
         self.config = node.config.http
         self.in_flight = 0
         self.connections: Callable[[], int] = lambda: 0
+        self.close_idle: Callable[[int], int] = lambda count: 0
+        """Close up to `count` connections that wait for a request, oldest
+        first; return how many were closed."""
         self.draining = False
         """Set on shutdown: requests that start from now on get 503."""
         self._idle = asyncio.Event()
@@ -184,11 +190,15 @@ class Limits:
             raise ShuttingDown(
                 "the node is shutting down; retry the request on another node"
             )
-        if self.connections() > self.config.connections_max:
-            raise Overloaded(
+        excess = self.connections() - self.config.connections_max
+        if excess > 0 and self.close_idle(excess) < excess:
+            overloaded = Overloaded(
                 f"the node has more than {self.config.connections_max} open "
                 "connections; retry after a short wait or use another node"
             )
+            # Closing this connection after the answer gives its place back.
+            overloaded.close_connection = True
+            raise overloaded
         if self.in_flight >= self.config.requests_in_flight_max:
             raise Overloaded(
                 f"the node is handling {self.in_flight} requests, its limit; "

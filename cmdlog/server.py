@@ -85,12 +85,14 @@ class Server:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.config.http.shutdown_timeout_s,
+            keepalive_timeout=self.config.http.idle_timeout_s,
         )
         await runner.setup()
         limits = web_app[LIMITS]
         server = runner.server
         assert server is not None
         limits.connections = lambda: len(server.connections)
+        limits.close_idle = lambda count: _close_idle(server.connections, count)
         self.node.writer.on_commit.append(self.metrics.commits.inc)
         self.metrics.add_gauges(lambda: self._gauges(limits))
         site = web.TCPSite(
@@ -252,3 +254,22 @@ async def _flush_access_logs() -> None:
     while True:
         await asyncio.sleep(ACCESS_FLUSH_INTERVAL_S)
         flush_logs()
+
+
+def _close_idle(connections: list[web.RequestHandler], count: int) -> int:
+    """Close up to `count` of `connections` that wait for a request, oldest
+    first, and return how many were closed.
+
+    A connection waits for a request when aiohttp's handler waits on its
+    `_waiter`, the state its own keep-alive timeout closes connections in.
+    The connection of the request being handled is never in that state.
+    """
+    closed = 0
+    for handler in list(connections):
+        if closed >= count:
+            break
+        waiter = getattr(handler, "_waiter", None)
+        if waiter is not None and not waiter.done():
+            handler.force_close()
+            closed += 1
+    return closed

@@ -810,23 +810,61 @@ async def test_requests_over_limit(
     assert after.status == 200, after.body
 
 
+async def raw_request(host: str, port: int, request: bytes) -> tuple[Any, Any]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    await writer.drain()
+    return reader, writer
+
+
 async def test_connections_over_limit(
     node_factory: Callable[..., NodeProcess],
 ) -> None:
-    """With --connections-max 1, a request on a second open connection gets 503."""
+    """With --connections-max 1 and that connection busy with a request, a
+    request on a second connection gets 503 and its connection is closed."""
     node = node_factory(extra_args=("--connections-max", "1"))
-    timeout = aiohttp.ClientTimeout(total=30)
-    first_connector = aiohttp.TCPConnector(limit=1)
-    second_connector = aiohttp.TCPConnector(limit=1)
-    async with (
-        aiohttp.ClientSession(connector=first_connector, timeout=timeout) as first,
-        aiohttp.ClientSession(connector=second_connector, timeout=timeout) as second,
-    ):
-        before = await get(first, node, "/status")
-        overloaded = await get(second, node, "/status")
+    host, port = node.url.removeprefix("http://").split(":")
+    busy = await raw_request(
+        host,
+        int(port),
+        b"POST /commands HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Idempotency-Key: slow\r\nContent-Length: 100\r\n\r\n{",
+    )
+    try:
+        await asyncio.sleep(0.2)  # the node reads the headers and waits
+        reader, writer = await raw_request(
+            host, int(port), b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        reply = await asyncio.wait_for(reader.read(4096), timeout=10)
+        after_reply = await asyncio.wait_for(reader.read(4096), timeout=10)
+        writer.close()
+    finally:
+        busy[1].close()
+    assert reply.startswith(b"HTTP/1.1 503"), reply[:100]
+    assert b"overloaded" in reply
+    assert b"Connection: close" in reply
+    assert after_reply == b""
 
-    assert before.status == 200, before.body
-    assert_overloaded(overloaded)
+
+async def test_idle_connections_make_room(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    """Connections that sent no request do not block others: over the
+    limit, the node closes the oldest idle ones and serves the request."""
+    node = node_factory(extra_args=("--connections-max", "2"))
+    host, port = node.url.removeprefix("http://").split(":")
+    idle = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.2)  # the node accepts all three
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            served = await get(session, node, "/status")
+        oldest = await asyncio.wait_for(idle[0][0].read(4096), timeout=10)
+    finally:
+        for _reader, writer in idle:
+            writer.close()
+    assert served.status == 200, served.body
+    assert oldest == b""
 
 
 # POST /commands: which error wins

@@ -21,6 +21,7 @@ import contextlib
 import json
 import random
 import urllib.parse
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -126,19 +127,51 @@ async def serve_stream(
         after = 0
     announce = request.query.get("announce")
     announced = normalize_url(announce) if announce else None
-    if node.peers.streams >= config.streams_max:
+    slot = node.peers.take_stream_slot(None if reader is None else reader.node)
+    if slot is None:
         raise Overloaded(
             f"this node already serves {config.streams_max} replication streams; "
             "retry later"
         )
-    if announced:
-        await node.peers.learn(announced)
+    try:
+        if announced:
+            await node.peers.learn(announced)
+        response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
+        response.force_close()  # an ended stream ends its connection too
+        await response.prepare(request)
+        log.info("stream_opened", after_seq=after, remote=request.remote)
+        await _stream(
+            response,
+            node,
+            config,
+            metrics,
+            slot,
+            after=after,
+            reader_epoch=reader_epoch,
+            reader=reader,
+            remote=request.remote,
+        )
+    finally:
+        node.peers.release_stream_slot(slot)
+    return response
 
-    response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
-    await response.prepare(request)
+
+async def _stream(
+    response: web.StreamResponse,
+    node: Any,
+    config: ReplicationConfig,
+    metrics: Metrics,
+    slot: StreamSlot,
+    *,
+    after: int,
+    reader_epoch: str | None,
+    reader: replication.Reader | None,
+    remote: str | None,
+) -> None:
+    """Write the hello and then the log to `response` until the node stops,
+    the reader goes away, or `slot` is ended."""
+    database = node.database
     write_timeout_s = 2 * config.heartbeat_interval_s
-    node.peers.streams += 1
-    log.info("stream_opened", after_seq=after, remote=request.remote)
     try:
         head = replication.log_head(database)
         start = epochs.resume_point(database.epochs, head, after, reader_epoch)
@@ -147,7 +180,7 @@ async def serve_stream(
                 "stream_rewound",
                 requested_after=after,
                 after_seq=start,
-                remote=request.remote,
+                remote=remote,
                 hint="this log went back, as after a restore from a backup",
             )
         hello = replication.hello_frame(
@@ -155,7 +188,7 @@ async def serve_stream(
         )
         await _write(response, hello, write_timeout_s)
         cursor = start
-        while not node.closing.is_set():
+        while not node.closing.is_set() and not slot.ended.is_set():
             wake = node.commit_signal.current()
             entries, through, head = replication.read_log_chunk(
                 database,
@@ -179,15 +212,15 @@ async def serve_stream(
                 )
                 cursor = through
                 continue
-            if not await _wait_any(wake, node.closing, config.heartbeat_interval_s):
+            ended = (wake, node.closing, slot.ended)
+            if not await _wait_any(ended, config.heartbeat_interval_s):
                 await _write(
                     response, {"t": frames.HEARTBEAT, "head": head}, write_timeout_s
                 )
+        if slot.ended.is_set():
+            log.info("stream_closed", reason="replaced", remote=remote)
     except (ConnectionError, TimeoutError) as exc:
-        log.info("stream_closed", reason=type(exc).__name__, remote=request.remote)
-    finally:
-        node.peers.streams -= 1
-    return response
+        log.info("stream_closed", reason=type(exc).__name__, remote=remote)
 
 
 async def _write(
@@ -199,14 +232,9 @@ async def _write(
         await response.write(encode_frame(frame))
 
 
-async def _wait_any(
-    event: asyncio.Event, closing: asyncio.Event, timeout_s: float
-) -> bool:
-    """Wait for `event` or `closing`; return False on timeout."""
-    waiters = [
-        asyncio.ensure_future(event.wait()),
-        asyncio.ensure_future(closing.wait()),
-    ]
+async def _wait_any(events: tuple[asyncio.Event, ...], timeout_s: float) -> bool:
+    """Wait for any of `events`; return False on timeout."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         done, _pending = await asyncio.wait(
             waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -515,6 +543,15 @@ async def _put_or_fail(
         raise DataError("the ingester stopped without an error")
 
 
+@dataclass(eq=False)
+class StreamSlot:
+    """One stream this node serves, and the reader node it named, if any."""
+
+    reader: str | None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set to end the stream: its reader opened a new one, or another took it."""
+
+
 class Peers:
     """The pullers of one node: configured peers, and peers learned at runtime."""
 
@@ -523,7 +560,36 @@ class Peers:
         self.config = config
         self.pullers: dict[str, Puller] = {}
         self.configured: set[str] = set()
-        self.streams = 0
+        self.stream_slots: list[StreamSlot] = []
+
+    @property
+    def streams(self) -> int:
+        return len(self.stream_slots)
+
+    def take_stream_slot(self, reader: str | None) -> StreamSlot | None:
+        """Return a slot for a new stream to `reader`, or None if all are taken.
+
+        A reader's earlier streams are ended: it opens a new one only when it
+        gave up on them, and the node would notice only at a later write. At
+        the limit, a reader that names itself ends the oldest stream of one
+        that did not, since only named readers are peers' pullers.
+        """
+        if reader is not None:
+            for slot in self.stream_slots:
+                if slot.reader == reader:
+                    slot.ended.set()
+        active = [slot for slot in self.stream_slots if not slot.ended.is_set()]
+        if len(active) >= self.config.streams_max:
+            unnamed = next((slot for slot in active if slot.reader is None), None)
+            if reader is None or unnamed is None:
+                return None
+            unnamed.ended.set()
+        slot = StreamSlot(reader)
+        self.stream_slots.append(slot)
+        return slot
+
+    def release_stream_slot(self, slot: StreamSlot) -> None:
+        self.stream_slots.remove(slot)
 
     async def start(self, configured: list[str]) -> None:
         self.configured = {normalize_url(url) for url in configured}

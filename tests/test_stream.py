@@ -136,3 +136,54 @@ async def test_dead_reader_dropped(node: NodeProcess) -> None:
     assert active == []
     assert rss_after - rss_before < 64 << 20
     assert still_serving == 25_000
+
+
+async def open_raw_stream(port: int, query: str) -> tuple[socket.socket, bytes]:
+    """Send a /replicate request on a raw socket; return it and the status line."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    raw.sendall(f"GET /replicate?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw.settimeout(10)
+    head = raw.recv(4096).split(b"\r\n", 1)[0]
+    return raw, head
+
+
+def closed_by_node(raw: socket.socket) -> bool:
+    """Read until the node closes the socket; False if it stays open for 5 s."""
+    raw.settimeout(5)
+    try:
+        while raw.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_stream_slots_go_to_named_readers(node: NodeProcess) -> None:
+    """Readers that never read cannot keep peers out: with every slot taken
+    by readers that did not name a node, a reader that names one ends the
+    oldest of them and is served, while another unnamed reader gets 503. A
+    node that opens a second stream ends its first."""
+    reader = "node=abc123&boot=def456"
+    taken = []
+    try:
+        for _ in range(64):
+            taken.append((await open_raw_stream(node.port, "after=0"))[0])
+        unnamed_raw, unnamed_head = await open_raw_stream(node.port, "after=0")
+        taken.append(unnamed_raw)
+        first_raw, first_head = await open_raw_stream(node.port, f"after=0&{reader}")
+        taken.append(first_raw)
+        oldest_closed = await asyncio.to_thread(closed_by_node, taken[0])
+        second_raw, second_head = await open_raw_stream(node.port, f"after=0&{reader}")
+        taken.append(second_raw)
+        first_closed = await asyncio.to_thread(closed_by_node, first_raw)
+    finally:
+        for raw in taken:
+            raw.close()
+
+    assert unnamed_head == b"HTTP/1.1 503 Service Unavailable"
+    assert first_head == b"HTTP/1.1 200 OK"
+    assert oldest_closed
+    assert second_head == b"HTTP/1.1 200 OK"
+    assert first_closed

@@ -30,9 +30,7 @@ from typing import Any, Protocol
 
 from cmdlog import codec
 from cmdlog.errors import NotFound
-from cmdlog.model import Command
-
-NATURAL_ID_SEPARATOR = "~"
+from cmdlog.model import NATURAL_ID_SEPARATOR, Command
 
 
 class State(Protocol):

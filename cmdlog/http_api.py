@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,6 @@ from aiohttp import web, web_protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cmdlog import wire
-from cmdlog.app import NATURAL_ID_SEPARATOR
 from cmdlog.auth import Credentials, scope_key
 from cmdlog.engine import Accepted, prepare_submission
 from cmdlog.errors import (
@@ -44,11 +42,12 @@ from cmdlog.errors import (
     ShuttingDown,
     Unauthorized,
     UnknownCommandType,
+    UnsupportedMediaType,
     ValidationError,
 )
 from cmdlog.logs import log_request
 from cmdlog.metrics import Metrics
-from cmdlog.model import command_view, parse_key
+from cmdlog.model import NATURAL_ID, command_view, parse_key
 from cmdlog.node import Node
 from cmdlog.peering import serve_stream
 
@@ -59,7 +58,6 @@ NODE = web.AppKey("node", Node)
 METRICS = web.AppKey("metrics", Metrics)
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 COMMAND_FIELDS = ("type", "payload")
-NATURAL_ID = re.compile(rf"[^/]+{NATURAL_ID_SEPARATOR}[0-9a-f]{{32}}")
 BATCH_ITEM_FIELDS = ("id", "type", "payload")
 
 
@@ -196,7 +194,7 @@ class Limits:
                 f"the node has more than {self.config.connections_max} open "
                 "connections; retry after a short wait or use another node"
             )
-            # Closing this connection after the answer gives its place back.
+            # Closing this connection after the response frees its slot.
             overloaded.close_connection = True
             raise overloaded
         if self.in_flight >= self.config.requests_in_flight_max:
@@ -258,6 +256,11 @@ def _scoped(request: web.Request, key: str) -> str:
 # handlers
 
 
+_CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
+"""The body encodings aiohttp decodes here (brotli and zstd need modules
+this install does not have)."""
+
+
 async def read_body(request: web.Request) -> Any:
     """Read and decode the body: 413 over the limit, 415, then 400."""
     limit = request.app[NODE].config.http.body_bytes_max
@@ -265,6 +268,12 @@ async def read_body(request: web.Request) -> Any:
         raise PayloadTooLarge(
             f"body of {request.content_length} bytes is over the limit of {limit} "
             "bytes; split it into smaller requests"
+        )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in _CONTENT_ENCODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
+            f"as {', '.join(_CONTENT_ENCODINGS)}"
         )
     try:
         data = await request.read()
@@ -302,7 +311,13 @@ async def post_command(request: web.Request) -> web.Response:
     node = request.app[NODE]
     metrics = request.app[METRICS]
     body = await read_body(request)
-    key = _scoped(request, parse_key(request.headers.get("Idempotency-Key")))
+    keys = request.headers.getall("Idempotency-Key", [])
+    if len(keys) > 1:
+        raise InvalidKey(
+            f"the request has {len(keys)} Idempotency-Key headers; send one, the "
+            "same on every retry"
+        )
+    key = _scoped(request, parse_key(keys[0] if keys else None))
     request["command_id"] = key
     command = _require_map(body, "body", COMMAND_FIELDS)
     try:
@@ -433,7 +448,7 @@ async def get_command(request: web.Request) -> web.Response:
 
 async def get_query(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    args = {key: value for key, value in request.query.items()}
+    args = wire.query_args(request.query)
     result = request.app[NODE].query(name, args)
     return respond(request, {"result": result})
 

@@ -16,6 +16,9 @@ from cmdlog.errors import InvalidKey
 
 KEY_CHARS_MAX = 255
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]+")
+NATURAL_ID_SEPARATOR = "~"
+NATURAL_ID = re.compile(rf"[^/]+{NATURAL_ID_SEPARATOR}[0-9a-f]{{32}}")
+"""The form of an ID derived from a natural key: `TYPE~HASH`."""
 STAMP_BYTES = 8
 
 APPLIED = "applied"
@@ -103,6 +106,13 @@ def parse_key(raw: str | None, *, field: str = "Idempotency-Key") -> str:
         raise InvalidKey(
             f"{field} contains {bad!r} (U+{ord(bad):04X}); use only printable "
             "ASCII characters 0x21-0x7E, without spaces"
+        )
+    if NATURAL_ID.fullmatch(key):
+        # A key of this form could take the ID of a command that a payload's
+        # natural key names, and block that command.
+        raise InvalidKey(
+            f"{field} {key!r} has the form TYPE~HASH, which is kept for IDs "
+            "derived from a natural key; send another key"
         )
     return key
 

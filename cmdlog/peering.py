@@ -28,7 +28,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from cmdlog import epochs, frames, replication
+from cmdlog import epochs, frames, replication, wire
 from cmdlog.config import ReplicationConfig
 from cmdlog.engine import IngestReport
 from cmdlog.errors import (
@@ -113,6 +113,7 @@ async def serve_stream(
     process) is not sent the copies this node received from that process, and
     frames then carry `through`, the last sequence number they cover.
     """
+    wire.query_args(request.query)  # raises for an argument given twice
     try:
         replication.check_version(_int_arg(request, "version", default=1))
     except VersionMismatch as exc:

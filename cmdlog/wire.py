@@ -1,4 +1,4 @@
-"""Body encodings of the HTTP API: JSON and msgpack, chosen per request.
+"""Body encodings of the HTTP API, JSON and msgpack, and its query strings.
 
 A request body is read by its Content-Type (none means JSON, and
 `application/x-msgpack` is taken as msgpack); a response is written in the
@@ -10,12 +10,13 @@ so a command arrives the same whichever encoding carried it.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from cmdlog import codec
-from cmdlog.errors import MalformedBody, UnsupportedMediaType
+from cmdlog.errors import InvalidArgument, MalformedBody, UnsupportedMediaType
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -127,3 +128,16 @@ def encode(value: Any, fmt: str) -> bytes:
     # orjson writes the same JSON as the standard library, about 40 times
     # faster; decoding stays with the standard library for exact big integers.
     return orjson.dumps(value)
+
+
+def query_args(query: Mapping[str, str]) -> dict[str, str]:
+    """Return a query string's arguments, raising `InvalidArgument` for one
+    given twice: readers disagree on which of two values counts."""
+    args: dict[str, str] = {}
+    for name, value in query.items():
+        if name in args:
+            raise InvalidArgument(
+                f"query argument {name!r} is given more than once; send it once"
+            )
+        args[name] = value
+    return args

@@ -371,6 +371,7 @@ INVALID_KEYS = {
     "space": "two words",
     "tab": "tab\there",
     "non-ascii": "cl\u00e9",
+    "natural-id-form": "ledger.charge~" + "0" * 32,
 }
 
 
@@ -382,7 +383,8 @@ async def test_invalid_key_rejected(
     encoding: Encoding,
     raw_key: str | None,
 ) -> None:
-    """A missing, empty, too long or non-printable-ASCII key gets 400."""
+    """A missing, empty, too long or non-printable-ASCII key gets 400, and so
+    does a key in the form of an ID derived from a natural key."""
     count = await command_count(session, api_node)
 
     reply = await post_command(
@@ -390,6 +392,52 @@ async def test_invalid_key_rejected(
     )
 
     assert_error(reply, 400, "invalid_idempotency_key")
+    assert await command_count(session, api_node) == count
+
+
+async def test_two_key_headers_rejected(
+    api_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    """Two Idempotency-Key headers get 400 and store nothing."""
+    count = await command_count(session, api_node)
+    headers = [
+        ("Content-Type", JSON),
+        ("Idempotency-Key", unique("first")),
+        ("Idempotency-Key", unique("second")),
+    ]
+    body = json.dumps(open_command(unique("acct"))).encode()
+    async with session.post(
+        api_node.url + "/commands", data=body, headers=headers
+    ) as response:
+        status = response.status
+        error = (await response.json())["error"]
+
+    assert status == 400
+    assert error["code"] == "invalid_idempotency_key"
+    assert "2 Idempotency-Key headers" in error["message"]
+    assert await command_count(session, api_node) == count
+
+
+@pytest.mark.parametrize("encoding", ["br2", "compress", "gzip, br2"])
+async def test_unknown_content_encoding_rejected(
+    api_node: NodeProcess, session: aiohttp.ClientSession, encoding: str
+) -> None:
+    """A body in an encoding the node cannot decode gets 415, not stored as is."""
+    count = await command_count(session, api_node)
+    body = json.dumps(open_command(unique("acct"))).encode()
+    reply = await send(
+        session,
+        "POST",
+        api_node.url + "/commands",
+        body=body,
+        headers={
+            "Content-Type": JSON,
+            "Content-Encoding": encoding,
+            "Idempotency-Key": unique("enc"),
+        },
+    )
+
+    assert_error(reply, 415, "unsupported_media_type")
     assert await command_count(session, api_node) == count
 
 
@@ -1308,6 +1356,12 @@ BAD_QUERIES: dict[str, tuple[str, int, str]] = {
         "not_found",
     ),
     "unknown-query": ("/queries/ledger.history?account=a", 404, "not_found"),
+    "balance-account-twice": (
+        "/queries/ledger.balance?account=a&account=b",
+        400,
+        "invalid_argument",
+    ),
+    "replicate-after-twice": ("/replicate?after=1&after=2", 400, "invalid_argument"),
 }
 
 
@@ -1321,7 +1375,8 @@ async def test_bad_query(
     status: int,
     code: str,
 ) -> None:
-    """A missing or invalid query argument gets 400, and a missing record 404."""
+    """A missing, invalid or repeated query argument gets 400, and a missing
+    record 404."""
     reply = await get(session, api_node, path)
 
     assert_error(reply, status, code)

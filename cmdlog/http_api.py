@@ -33,6 +33,7 @@ from cmdlog.engine import Accepted, prepare_submission
 from cmdlog.errors import (
     ClientError,
     CmdlogError,
+    InvalidArgument,
     InvalidKey,
     KeyReused,
     MalformedBody,
@@ -50,6 +51,7 @@ from cmdlog.metrics import Metrics
 from cmdlog.model import NATURAL_ID, command_view, parse_key
 from cmdlog.node import Node
 from cmdlog.peering import serve_stream
+from cmdlog.replication import ID_CHARS_MAX, ID_PATTERN
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +123,7 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        http_error = ClientError(f"{exc.reason} for {request.method} {request.path}")
+        http_error = ClientError(_http_error_message(request, exc))
         http_error.status = exc.status
         http_error.code = exc.reason.lower().replace(" ", "_")
         response = respond_error(request, http_error)
@@ -147,6 +149,21 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
             request.get("command_id"),
         )
     return response
+
+
+def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
+    """Name the problem and the fix for an error that routing raised."""
+    where = f"{request.method} {request.path[:200]}"
+    if exc.status == 404:
+        return (
+            f"no endpoint for {where}; the API has POST /commands, POST "
+            "/commands/batch, GET /commands/{id}, GET /queries/{name}, GET "
+            "/status, GET /healthz, GET /metrics and GET /replicate"
+        )
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"{request.method} is not allowed on {request.path}; use {allowed}"
+    return f"{exc.reason} for {where}"
 
 
 def _route_name(request: web.Request) -> str:
@@ -435,6 +452,12 @@ async def post_batch(request: web.Request) -> web.Response:
 
 async def get_command(request: web.Request) -> web.Response:
     requested = request.match_info["id"]
+    if not ID_PATTERN.fullmatch(requested):
+        raise InvalidArgument(
+            f"{requested[:80]!r} cannot be a command ID: IDs are 1 to "
+            f"{ID_CHARS_MAX} printable ASCII characters (0x21-0x7E); send the "
+            "Idempotency-Key the command was written with"
+        )
     command_id = _scoped(request, requested)
     request["command_id"] = command_id
     viewed = request.app[NODE].view(command_id)

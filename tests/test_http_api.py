@@ -1362,7 +1362,26 @@ BAD_QUERIES: dict[str, tuple[str, int, str]] = {
         "invalid_argument",
     ),
     "replicate-after-twice": ("/replicate?after=1&after=2", 400, "invalid_argument"),
+    "id-too-long": ("/commands/" + "k" * 321, 400, "invalid_argument"),
+    "id-non-ascii": ("/commands/cl%C3%A9", 400, "invalid_argument"),
+    "id-with-space": ("/commands/a%20b", 400, "invalid_argument"),
 }
+
+
+async def test_unknown_path_and_method_say_what_exists(
+    api_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    """A 404 for an unknown path lists the endpoints, and a 405 names the
+    methods the path allows."""
+    missing = await get(session, api_node, "/command")
+    wrong_method = await get(session, api_node, "/commands")
+
+    assert_error(missing, 404, "not_found")
+    assert "POST /commands" in missing.body["error"]["message"]
+    assert_error(wrong_method, 405, "method_not_allowed")
+    assert wrong_method.body["error"]["message"] == (
+        "GET is not allowed on /commands; use POST"
+    )
 
 
 @pytest.mark.parametrize(

@@ -101,17 +101,25 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"CMDLOG_{name}", default)
+    """Return `CMDLOG_{name}`, or `default` when it is unset or empty."""
+    return os.environ.get(f"CMDLOG_{name}") or default
 
 
-def _env_int(name: str, default: int) -> int:
+def _limit(flag_value: int | None, name: str, default: int) -> int:
+    """Return a limit from its flag, else from `CMDLOG_{name}`, else `default`.
+
+    The variable is read here, not as the flag's parser default, so an
+    invalid value stops only `serve`, with a `StartupError` (exit 2).
+    """
+    if flag_value is not None:
+        return flag_value
     value = _env(name)
     if value is None:
         return default
     try:
         return _positive_int(value)
     except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f"cmdlog: CMDLOG_{name} {exc}") from None
+        raise StartupError(f"CMDLOG_{name} {exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -164,15 +172,24 @@ def _serve(args: argparse.Namespace) -> int:
     from cmdlog.server import Server
 
     configure_logging(args.log_level)
+    defaults = HttpConfig()
     config = NodeConfig(
         data_dir=args.data,
         app_spec=args.app,
         peers=tuple(args.peer),
         http=HttpConfig(
-            body_bytes_max=args.body_bytes_max,
-            batch_items_max=args.batch_items_max,
-            connections_max=args.connections_max,
-            requests_in_flight_max=args.requests_max,
+            body_bytes_max=_limit(
+                args.body_bytes_max, "BODY_BYTES_MAX", defaults.body_bytes_max
+            ),
+            batch_items_max=_limit(
+                args.batch_items_max, "BATCH_ITEMS_MAX", defaults.batch_items_max
+            ),
+            connections_max=_limit(
+                args.connections_max, "CONNECTIONS_MAX", defaults.connections_max
+            ),
+            requests_in_flight_max=_limit(
+                args.requests_max, "REQUESTS_MAX", defaults.requests_in_flight_max
+            ),
         ),
         credentials=_credentials(args),
         advertise_url=args.advertise,
@@ -322,27 +339,27 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--body-bytes-max",
         type=_positive_int,
-        default=_env_int("BODY_BYTES_MAX", 1 << 20),
+        default=None,
         help="largest request body in bytes, 413 above it (CMDLOG_BODY_BYTES_MAX, "
         "default 1048576)",
     )
     serve.add_argument(
         "--batch-items-max",
         type=_positive_int,
-        default=_env_int("BATCH_ITEMS_MAX", 1000),
+        default=None,
         help="most items in one batch request (CMDLOG_BATCH_ITEMS_MAX, default 1000)",
     )
     serve.add_argument(
         "--connections-max",
         type=_positive_int,
-        default=_env_int("CONNECTIONS_MAX", 1024),
+        default=None,
         help="open client connections before requests get 503 "
         "(CMDLOG_CONNECTIONS_MAX, default 1024)",
     )
     serve.add_argument(
         "--requests-max",
         type=_positive_int,
-        default=_env_int("REQUESTS_MAX", 2048),
+        default=None,
         help="requests handled at once before more get 503 "
         "(CMDLOG_REQUESTS_MAX, default 2048)",
     )

@@ -123,15 +123,15 @@ def test_serve_refuses_limit_below_one(
 
 
 def test_serve_refuses_limit_variable_below_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The same holds for the limit's CMDLOG_ variable."""
     monkeypatch.setenv("CMDLOG_BODY_BYTES_MAX", "0")
-    with pytest.raises(SystemExit) as exited:
-        main(["serve", "--data", str(tmp_path / "d")])
-    assert str(exited.value.code) == (
-        "cmdlog: CMDLOG_BODY_BYTES_MAX must be a whole number of 1 or more, found '0'"
+    assert main(["serve", "--data", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err == (
+        "cmdlog: CMDLOG_BODY_BYTES_MAX must be a whole number of 1 or more, found '0'\n"
     )
+    assert not (tmp_path / "d").exists()
 
 
 def test_status_command_hints(

@@ -1,0 +1,125 @@
+"""Startup errors of the `cmdlog` command line, run as a real process.
+
+A command that cannot run with its flags or variables exits 2 and prints one
+line, `cmdlog: ...`, that names the flag or variable, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cmdlog.cli import DEFAULT_APP, build_parser
+from tests.nodes import NodeProcess
+
+RUN_TIMEOUT_S = 10
+"""A failing command exits within a second or two; one that starts instead
+would run until killed, so the timeout fails the test."""
+
+
+def run_cli(
+    *argv: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `cmdlog ARGV` with no CMDLOG_ variables but those in `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CMDLOG_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cmdlog.cli", "--log-level", "warning", *argv],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Return the only line of stderr, failing the test if there are others."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cmdlog: "), lines[0]
+    return lines[0]
+
+
+def serve_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "serve",
+        "--data",
+        str(tmp_path / "data"),
+        "--listen",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
+# Empty CMDLOG_ variables
+
+
+def test_empty_data_variable_is_unset(tmp_path: Path) -> None:
+    """An empty CMDLOG_DATA leaves --data required instead of serving the
+    current directory."""
+    result = run_cli(
+        "serve", "--listen", "127.0.0.1:0", env={"CMDLOG_DATA": ""}, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    last_line = result.stderr.splitlines()[-1]
+    assert last_line.endswith("the following arguments are required: --data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_variables_use_defaults(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    """A node starts with every CMDLOG_ variable set to the empty string."""
+    help_text = run_cli("serve", "--help", env={"COLUMNS": "200"}).stdout
+    variables = set(re.findall(r"\bCMDLOG_[A-Z0-9_]*[A-Z0-9]\b", help_text))
+    assert {"CMDLOG_DATA", "CMDLOG_BODY_BYTES_MAX", "CMDLOG_TOKEN"} <= variables
+    node = node_factory(env=dict.fromkeys(variables, ""))
+    assert node.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "default"),
+    [
+        ("LISTEN", "listen", "127.0.0.1:7001"),
+        ("APP", "app", DEFAULT_APP),
+        ("ADVERTISE", "advertise", None),
+        ("TOKEN_FILE", "token_file", None),
+        ("TOKENS_FILE", "tokens_file", None),
+        ("PEER_TOKEN_FILE", "peer_token_file", None),
+        ("TLS_CERT", "tls_cert", None),
+        ("TLS_KEY", "tls_key", None),
+        ("TLS_CA", "tls_ca", None),
+    ],
+)
+def test_empty_variable_keeps_default(
+    monkeypatch: pytest.MonkeyPatch, name: str, attribute: str, default: str | None
+) -> None:
+    """Each empty CMDLOG_ variable leaves its flag at the default."""
+    monkeypatch.setenv(f"CMDLOG_{name}", "")
+    args = build_parser().parse_args(["serve", "--data", "d"])
+    assert getattr(args, attribute) == default
+
+
+# Limits
+
+
+def test_limit_variable_not_number_rejected(tmp_path: Path) -> None:
+    """A limit variable that is not a number exits 2, as its flag does."""
+    result = run_cli(*serve_args(tmp_path), env={"CMDLOG_BODY_BYTES_MAX": "abc"})
+    assert result.returncode == 2
+    assert error_line(result) == (
+        "cmdlog: CMDLOG_BODY_BYTES_MAX must be a whole number of 1 or more, found 'abc'"
+    )
+
+
+def test_limit_variable_spares_other_commands() -> None:
+    """An invalid limit variable of serve does not stop other commands or --help."""
+    result = run_cli("--help", env={"CMDLOG_BODY_BYTES_MAX": "abc"})
+    assert result.returncode == 0
+    assert result.stderr == ""

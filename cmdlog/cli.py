@@ -165,6 +165,31 @@ def _credentials(args: argparse.Namespace) -> Any:
     return Credentials(principals, peer_token)
 
 
+def _node_url(name: str, url: str) -> str:
+    """Return `url` without a trailing slash; raise `StartupError` naming `name`."""
+    from cmdlog.errors import InvalidArgument
+    from cmdlog.peering import normalize_url
+
+    try:
+        return normalize_url(url)
+    except InvalidArgument as exc:
+        raise StartupError(
+            f"{name} {url!r} is not an http:// or https:// URL with a host and a "
+            "valid port; pass a node's base URL, for example http://10.0.0.5:7001"
+        ) from exc
+
+
+def _peer_urls(args: argparse.Namespace) -> tuple[str, ...]:
+    """Return the peers in CMDLOG_PEERS followed by those of the --peer flags.
+
+    Unlike other flags, --peer adds to its variable instead of overriding it,
+    as deploy/cmdlog.env.example documents.
+    """
+    named = [("CMDLOG_PEERS", url) for url in (_env("PEERS") or "").split(",")]
+    named += [("--peer", url) for url in args.peer]
+    return tuple(_node_url(name, url) for name, url in named if url.strip())
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cmdlog.config import HttpConfig
     from cmdlog.logs import configure_logging
@@ -173,10 +198,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     defaults = HttpConfig()
+    advertise = _node_url("--advertise", args.advertise) if args.advertise else None
     config = NodeConfig(
         data_dir=args.data,
         app_spec=args.app,
-        peers=tuple(args.peer),
+        peers=_peer_urls(args),
         http=HttpConfig(
             body_bytes_max=_limit(
                 args.body_bytes_max, "BODY_BYTES_MAX", defaults.body_bytes_max
@@ -192,7 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
             ),
         ),
         credentials=_credentials(args),
-        advertise_url=args.advertise,
+        advertise_url=advertise,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key or args.tls_cert,
         tls_ca=args.tls_ca,
@@ -285,9 +311,9 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--peer",
         action="append",
-        default=[p for p in (_env("PEERS") or "").split(",") if p],
+        default=[],
         help="URL of a peer to replicate from; repeat per peer (CMDLOG_PEERS, "
-        "comma-separated)",
+        "comma-separated; --peer flags add to it)",
     )
     serve.add_argument(
         "--app",

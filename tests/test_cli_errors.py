@@ -123,3 +123,31 @@ def test_limit_variable_spares_other_commands() -> None:
     result = run_cli("--help", env={"CMDLOG_BODY_BYTES_MAX": "abc"})
     assert result.returncode == 0
     assert result.stderr == ""
+
+
+# --advertise and the peer URLs
+
+
+@pytest.mark.parametrize("source", ["flag", "variable"])
+def test_advertise_not_url_rejected(tmp_path: Path, source: str) -> None:
+    """An --advertise that is not a URL stops the node before it opens the
+    data directory, instead of every peer rejecting its pulls with 400."""
+    extra = ["--peer", "http://127.0.0.1:1"]
+    env = {}
+    if source == "flag":
+        extra += ["--advertise", "garbage"]
+    else:
+        env["CMDLOG_ADVERTISE"] = "garbage"
+    result = run_cli(*serve_args(tmp_path, *extra), env=env)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "--advertise 'garbage'" in line
+    assert "for example http://" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_peers_variable_named_in_error(tmp_path: Path) -> None:
+    """An invalid entry of CMDLOG_PEERS is reported under that name, not --peer."""
+    result = run_cli(*serve_args(tmp_path), env={"CMDLOG_PEERS": "127.0.0.1:9"})
+    assert result.returncode == 2
+    assert "CMDLOG_PEERS '127.0.0.1:9'" in error_line(result)

@@ -136,16 +136,16 @@ def _positive_int(text: str) -> int:
 
 
 def _read_secret(path: str | None, flag: str, env_name: str) -> str | None:
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise SystemExit(f"cannot read {flag} {path}: {exc}") from exc
-        if not secret:
-            raise SystemExit(f"{flag} {path} is empty")
-        return secret
-    return _env(env_name) or None
+    """Read a token from the file `path`, else from `CMDLOG_{env_name}`."""
+    from cmdlog.auth import read_text_file
+
+    fix = f"pass a file that contains the token, or set CMDLOG_{env_name}"
+    if not path:
+        return _env(env_name)
+    secret = read_text_file(path, flag, fix).strip()
+    if not secret:
+        raise StartupError(f"{flag} {path} is empty; {fix}")
+    return secret
 
 
 def _read_token(args: argparse.Namespace) -> str | None:
@@ -190,6 +190,21 @@ def _peer_urls(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(_node_url(name, url) for name, url in named if url.strip())
 
 
+def _check_ca_file(path: str | None) -> None:
+    """Raise `StartupError` unless `path` is None or a loadable PEM CA bundle."""
+    import ssl
+
+    if path is None:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"cannot load --tls-ca {path}: {exc.strerror or exc}; pass a PEM file "
+            "of CA certificates"
+        ) from exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cmdlog.config import HttpConfig
     from cmdlog.logs import configure_logging
@@ -198,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     defaults = HttpConfig()
+    _check_ca_file(args.tls_ca)
     advertise = _node_url("--advertise", args.advertise) if args.advertise else None
     config = NodeConfig(
         data_dir=args.data,
@@ -286,6 +302,7 @@ def _handlers(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from cmdlog.status_view import show_status
 
+    _check_ca_file(args.tls_ca)
     return show_status(args.url, token=_read_token(args), ca_file=args.tls_ca)
 
 

@@ -151,3 +151,79 @@ def test_peers_variable_named_in_error(tmp_path: Path) -> None:
     result = run_cli(*serve_args(tmp_path), env={"CMDLOG_PEERS": "127.0.0.1:9"})
     assert result.returncode == 2
     assert "CMDLOG_PEERS '127.0.0.1:9'" in error_line(result)
+
+
+# The data directory and CA files
+
+
+@pytest.mark.parametrize("source", ["flag", "variable"])
+def test_data_regular_file_rejected(tmp_path: Path, source: str) -> None:
+    """--data naming a regular file stops with one line, not a traceback."""
+    data = tmp_path / "file"
+    data.write_text("not a directory\n")
+    argv = ["serve", "--listen", "127.0.0.1:0"]
+    env = {}
+    if source == "flag":
+        argv += ["--data", str(data)]
+    else:
+        env["CMDLOG_DATA"] = str(data)
+    result = run_cli(*argv, env=env)
+    assert result.returncode == 2
+    assert f"--data {data} is not a directory" in error_line(result)
+
+
+def test_data_under_regular_file_rejected(tmp_path: Path) -> None:
+    """--data FILE/sub, which cannot be created, stops with one line."""
+    (tmp_path / "file").write_text("not a directory\n")
+    data = tmp_path / "file" / "sub"
+    result = run_cli("serve", "--data", str(data), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert f"cannot create the --data directory {data}" in line
+    assert "Not a directory" in line
+
+
+def test_status_missing_ca_rejected(tmp_path: Path) -> None:
+    """`status --tls-ca` naming no file stops before any request."""
+    missing = tmp_path / "missing.pem"
+    result = run_cli("status", "http://127.0.0.1:1", "--tls-ca", str(missing))
+    assert result.returncode == 2
+    line = error_line(result)
+    assert f"cannot load --tls-ca {missing}" in line
+    assert "No such file or directory" in line
+
+
+def test_serve_missing_ca_rejected(tmp_path: Path) -> None:
+    """`serve --tls-ca` naming no file stops at startup, instead of a node
+    whose https puller fails and whose shutdown then hangs."""
+    missing = tmp_path / "missing.pem"
+    extra = ["--peer", "https://127.0.0.1:1", "--tls-ca", str(missing)]
+    result = run_cli(*serve_args(tmp_path, *extra))
+    assert result.returncode == 2
+    assert f"cannot load --tls-ca {missing}" in error_line(result)
+
+
+# Token files
+
+
+def test_token_file_missing_rejected(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    result = run_cli(*serve_args(tmp_path, "--token-file", str(missing)))
+    assert result.returncode == 2
+    line = error_line(result)
+    assert f"cannot read --token-file {missing}: No such file" in line
+    assert "or set CMDLOG_TOKEN" in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "variable"),
+    [("--token-file", "CMDLOG_TOKEN"), ("--peer-token-file", "CMDLOG_PEER_TOKEN")],
+)
+def test_token_file_empty_rejected(tmp_path: Path, flag: str, variable: str) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    result = run_cli(*serve_args(tmp_path, flag, str(empty)))
+    assert result.returncode == 2
+    line = error_line(result)
+    assert f"{flag} {empty} is empty" in line
+    assert f"or set {variable}" in line

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -303,7 +304,11 @@ def _status(args: argparse.Namespace) -> int:
     from cmdlog.status_view import show_status
 
     _check_ca_file(args.tls_ca)
-    return show_status(args.url, token=_read_token(args), ca_file=args.tls_ca)
+    url = args.url.rstrip("/")
+    # show_status appends /status itself, so accept the URL of that page too.
+    if urllib.parse.urlsplit(url).path.endswith("/status"):
+        url = url.removesuffix("/status")
+    return show_status(url, token=_read_token(args), ca_file=args.tls_ca)
 
 
 def _add_serve(commands: Any) -> None:

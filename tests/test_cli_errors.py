@@ -227,3 +227,14 @@ def test_token_file_empty_rejected(tmp_path: Path, flag: str, variable: str) -> 
     line = error_line(result)
     assert f"{flag} {empty} is empty" in line
     assert f"or set {variable}" in line
+
+
+# cmdlog status
+
+
+def test_status_accepts_status_url(node: NodeProcess) -> None:
+    """`cmdlog status URL/status` reads URL/status, not URL/status/status."""
+    for url in (node.url + "/status", node.url + "/status/"):
+        result = run_cli("status", url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("node "), result.stdout

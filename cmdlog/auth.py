@@ -91,6 +91,22 @@ def scope_key(key: str, principal: str | None, credentials: Credentials) -> str:
     return key if key.startswith(prefix) else prefix + key
 
 
+def read_text_file(path: str | Path, name: str, fix: str) -> str:
+    """Read a UTF-8 file of credentials.
+
+    Raises `StartupError` naming the file as `name` (a flag, say) and ending
+    with `fix` when the file is missing, unreadable or not UTF-8.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StartupError(
+            f"cannot read {name} {path}: {exc.strerror or exc}; {fix}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"{name} {path} is not UTF-8 text; {fix}") from exc
+
+
 def read_tokens_file(path: str | Path) -> dict[str, str]:
     """Read `principal token` lines (blank lines and `#` comments allowed).
 
@@ -99,10 +115,8 @@ def read_tokens_file(path: str | Path) -> dict[str, str]:
     than letters, digits and `._-`.
     """
     tokens: dict[str, str] = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise StartupError(f"cannot read the tokens file {path}: {exc}") from exc
+    fix = "pass a file of 'PRINCIPAL TOKEN' lines"
+    lines = read_text_file(path, "the tokens file", fix).splitlines()
     for number, line in enumerate(lines, start=1):
         text = line.split("#", 1)[0].strip()
         if not text:

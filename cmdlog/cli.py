@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,17 +102,25 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"CMDLOG_{name}", default)
+    """Return `CMDLOG_{name}`, or `default` when it is unset or empty."""
+    return os.environ.get(f"CMDLOG_{name}") or default
 
 
-def _env_int(name: str, default: int) -> int:
+def _limit(flag_value: int | None, name: str, default: int) -> int:
+    """Return a limit from its flag, else from `CMDLOG_{name}`, else `default`.
+
+    The variable is read here, not as the flag's parser default, so an
+    invalid value stops only `serve`, with a `StartupError` (exit 2).
+    """
+    if flag_value is not None:
+        return flag_value
     value = _env(name)
     if value is None:
         return default
     try:
         return _positive_int(value)
     except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f"cmdlog: CMDLOG_{name} {exc}") from None
+        raise StartupError(f"CMDLOG_{name} {exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -128,16 +137,16 @@ def _positive_int(text: str) -> int:
 
 
 def _read_secret(path: str | None, flag: str, env_name: str) -> str | None:
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise SystemExit(f"cannot read {flag} {path}: {exc}") from exc
-        if not secret:
-            raise SystemExit(f"{flag} {path} is empty")
-        return secret
-    return _env(env_name) or None
+    """Read a token from the file `path`, else from `CMDLOG_{env_name}`."""
+    from cmdlog.auth import read_text_file
+
+    fix = f"pass a file that contains the token, or set CMDLOG_{env_name}"
+    if not path:
+        return _env(env_name)
+    secret = read_text_file(path, flag, fix).strip()
+    if not secret:
+        raise StartupError(f"{flag} {path} is empty; {fix}")
+    return secret
 
 
 def _read_token(args: argparse.Namespace) -> str | None:
@@ -157,6 +166,46 @@ def _credentials(args: argparse.Namespace) -> Any:
     return Credentials(principals, peer_token)
 
 
+def _node_url(name: str, url: str) -> str:
+    """Return `url` without a trailing slash; raise `StartupError` naming `name`."""
+    from cmdlog.errors import InvalidArgument
+    from cmdlog.peering import normalize_url
+
+    try:
+        return normalize_url(url)
+    except InvalidArgument as exc:
+        raise StartupError(
+            f"{name} {url!r} is not an http:// or https:// URL with a host and a "
+            "valid port; pass a node's base URL, for example http://10.0.0.5:7001"
+        ) from exc
+
+
+def _peer_urls(args: argparse.Namespace) -> tuple[str, ...]:
+    """Return the peers in CMDLOG_PEERS followed by those of the --peer flags.
+
+    Unlike other flags, --peer adds to its variable instead of overriding it,
+    as deploy/cmdlog.env.example documents.
+    """
+    named = [("CMDLOG_PEERS", url) for url in (_env("PEERS") or "").split(",")]
+    named += [("--peer", url) for url in args.peer]
+    return tuple(_node_url(name, url) for name, url in named if url.strip())
+
+
+def _check_ca_file(path: str | None) -> None:
+    """Raise `StartupError` unless `path` is None or a loadable PEM CA bundle."""
+    import ssl
+
+    if path is None:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"cannot load --tls-ca {path}: {exc.strerror or exc}; pass a PEM file "
+            "of CA certificates"
+        ) from exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cmdlog.config import HttpConfig
     from cmdlog.logs import configure_logging
@@ -164,18 +213,29 @@ def _serve(args: argparse.Namespace) -> int:
     from cmdlog.server import Server
 
     configure_logging(args.log_level)
+    defaults = HttpConfig()
+    _check_ca_file(args.tls_ca)
+    advertise = _node_url("--advertise", args.advertise) if args.advertise else None
     config = NodeConfig(
         data_dir=args.data,
         app_spec=args.app,
-        peers=tuple(args.peer),
+        peers=_peer_urls(args),
         http=HttpConfig(
-            body_bytes_max=args.body_bytes_max,
-            batch_items_max=args.batch_items_max,
-            connections_max=args.connections_max,
-            requests_in_flight_max=args.requests_max,
+            body_bytes_max=_limit(
+                args.body_bytes_max, "BODY_BYTES_MAX", defaults.body_bytes_max
+            ),
+            batch_items_max=_limit(
+                args.batch_items_max, "BATCH_ITEMS_MAX", defaults.batch_items_max
+            ),
+            connections_max=_limit(
+                args.connections_max, "CONNECTIONS_MAX", defaults.connections_max
+            ),
+            requests_in_flight_max=_limit(
+                args.requests_max, "REQUESTS_MAX", defaults.requests_in_flight_max
+            ),
         ),
         credentials=_credentials(args),
-        advertise_url=args.advertise,
+        advertise_url=advertise,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key or args.tls_cert,
         tls_ca=args.tls_ca,
@@ -243,7 +303,12 @@ def _handlers(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from cmdlog.status_view import show_status
 
-    return show_status(args.url, token=_read_token(args), ca_file=args.tls_ca)
+    _check_ca_file(args.tls_ca)
+    url = args.url.rstrip("/")
+    # show_status appends /status itself, so accept the URL of that page too.
+    if urllib.parse.urlsplit(url).path.endswith("/status"):
+        url = url.removesuffix("/status")
+    return show_status(url, token=_read_token(args), ca_file=args.tls_ca)
 
 
 def _add_serve(commands: Any) -> None:
@@ -268,9 +333,9 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--peer",
         action="append",
-        default=[p for p in (_env("PEERS") or "").split(",") if p],
+        default=[],
         help="URL of a peer to replicate from; repeat per peer (CMDLOG_PEERS, "
-        "comma-separated)",
+        "comma-separated; --peer flags add to it)",
     )
     serve.add_argument(
         "--app",
@@ -322,27 +387,27 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--body-bytes-max",
         type=_positive_int,
-        default=_env_int("BODY_BYTES_MAX", 1 << 20),
+        default=None,
         help="largest request body in bytes, 413 above it (CMDLOG_BODY_BYTES_MAX, "
         "default 1048576)",
     )
     serve.add_argument(
         "--batch-items-max",
         type=_positive_int,
-        default=_env_int("BATCH_ITEMS_MAX", 1000),
+        default=None,
         help="most items in one batch request (CMDLOG_BATCH_ITEMS_MAX, default 1000)",
     )
     serve.add_argument(
         "--connections-max",
         type=_positive_int,
-        default=_env_int("CONNECTIONS_MAX", 1024),
+        default=None,
         help="open client connections before requests get 503 "
         "(CMDLOG_CONNECTIONS_MAX, default 1024)",
     )
     serve.add_argument(
         "--requests-max",
         type=_positive_int,
-        default=_env_int("REQUESTS_MAX", 2048),
+        default=None,
         help="requests handled at once before more get 503 "
         "(CMDLOG_REQUESTS_MAX, default 2048)",
     )

@@ -115,9 +115,14 @@ class Node:
         await self.peers.stop()
 
     async def stop(self) -> None:
-        await self.close_streams()
-        await self.writer.stop()
-        self.database.close()
+        try:
+            await self.close_streams()
+        finally:
+            # The writer thread keeps the process alive until it stops.
+            try:
+                await self.writer.stop()
+            finally:
+                self.database.close()
         log.info("node_stopped", node=self.node_id)
 
     async def submit(

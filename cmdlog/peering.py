@@ -305,6 +305,16 @@ class Puller:
                 await self._task
 
     async def _run(self) -> None:
+        try:
+            await self._pull_forever()
+        except Exception as exc:
+            # Nothing may end a puller silently: the error shows in /status
+            # and the log, and the node goes on serving and stops cleanly.
+            self.stopped_by_error = True
+            self.peer.error = f"{type(exc).__name__}: {exc}"
+            log.error("puller_failed", peer=self.peer.url, exc_info=exc)
+
+    async def _pull_forever(self) -> None:
         backoff_s = self.config.backoff_initial_s
         timeout = aiohttp.ClientTimeout(
             total=None,

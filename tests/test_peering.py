@@ -11,6 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cmdlog.config import ReplicationConfig
+from cmdlog.peering import Puller
+from cmdlog.replication import PeerState
 from tests.cluster import get_json, post_command, status
 from tests.fake_peer import FakePeer, commands, hello
 from tests.nodes import NodeProcess
@@ -245,3 +248,24 @@ async def test_second_url_of_pulled_node_stops(node_factory: Factory) -> None:
     assert errors[source.url] is None
     assert source.url in errors[alias]
     assert "already pulls from" in errors[alias]
+
+
+async def test_puller_error_shows_and_ends_only_the_puller() -> None:
+    """An unexpected error in a puller is logged and shown as the peer's
+    error; it neither escapes to the node nor leaves stop() hanging."""
+
+    class BrokenNode:
+        def client_ssl(self) -> None:
+            raise RuntimeError("CA bundle unreadable")
+
+    peer = PeerState("http://127.0.0.1:9")
+    puller = Puller(BrokenNode(), peer, ReplicationConfig())
+    puller.start()
+    for _ in range(500):
+        if puller.stopped_by_error:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(puller.stop(), timeout=5)
+
+    assert puller.stopped_by_error
+    assert peer.error == "RuntimeError: CA bundle unreadable"

@@ -253,6 +253,25 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def _read_lock_file(path: str) -> dict[str, str]:
+    """Read a handler lock file; raise `StartupError` naming the problem."""
+    import json
+
+    from cmdlog.auth import read_text_file
+
+    fix = "write it with 'cmdlog handlers lock --lock FILE'"
+    text = read_text_file(path, "--lock", fix)
+    try:
+        locked = json.loads(text)
+    except ValueError as exc:
+        raise StartupError(f"--lock {path} is not JSON ({exc}); {fix}") from exc
+    if type(locked) is not dict or not all(
+        type(value) is str for value in locked.values()
+    ):
+        raise StartupError(f"--lock {path} is not a map of type to fingerprint; {fix}")
+    return locked
+
+
 def _handlers(args: argparse.Namespace) -> int:
     import json
 
@@ -271,10 +290,11 @@ def _handlers(args: argparse.Namespace) -> int:
         return 0
     if args.action == "check":
         if not args.lock:
-            raise SystemExit("cmdlog handlers check needs --lock FILE")
-        with open(args.lock, encoding="utf-8") as handle:
-            locked = json.load(handle)
-        recorded = locked
+            raise StartupError(
+                "handlers check needs --lock FILE, a file written by "
+                "'cmdlog handlers lock --lock FILE'"
+            )
+        recorded = _read_lock_file(args.lock)
     elif args.data:
         store = Store(args.data, list(app.domains), readonly=True)
         with store.read() as txn:

@@ -238,3 +238,31 @@ def test_status_accepts_status_url(node: NodeProcess) -> None:
         result = run_cli("status", url)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("node "), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("lock_text", "expected"),
+    [
+        (None, "cannot read --lock"),
+        ("not json", "is not JSON"),
+        ("[1]", "is not a map of type to fingerprint"),
+    ],
+)
+def test_handlers_check_bad_lock_rejected(
+    tmp_path: Path, lock_text: str | None, expected: str
+) -> None:
+    """`handlers check` with a missing or malformed lock file stops with one
+    line and exit 2, not a traceback."""
+    lock = tmp_path / "handlers.lock"
+    if lock_text is not None:
+        lock.write_text(lock_text)
+    result = run_cli("handlers", "check", "--lock", str(lock))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert expected in error_line(result)
+
+
+def test_handlers_check_needs_lock() -> None:
+    result = run_cli("handlers", "check")
+    assert result.returncode == 2
+    assert "needs --lock FILE" in error_line(result)

@@ -350,6 +350,7 @@ def test_unit_stop_and_restart() -> None:
 
     assert service["KillSignal"] == "SIGTERM"
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"
     assert int(service["LimitNOFILE"]) > HttpConfig().connections_max
 
 

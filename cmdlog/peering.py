@@ -32,7 +32,6 @@ from cmdlog import epochs, frames, replication, wire
 from cmdlog.config import ReplicationConfig
 from cmdlog.engine import IngestReport
 from cmdlog.errors import (
-    CmdlogError,
     DataError,
     InvalidArgument,
     Overloaded,
@@ -310,9 +309,7 @@ class Puller:
         except Exception as exc:
             # Nothing may end a puller silently: the error shows in /status
             # and the log, and the node goes on serving and stops cleanly.
-            self.stopped_by_error = True
-            self.peer.error = f"{type(exc).__name__}: {exc}"
-            log.error("puller_failed", peer=self.peer.url, exc_info=exc)
+            self._stop_on_error(f"{type(exc).__name__}: {exc}", exc)
 
     async def _pull_forever(self) -> None:
         backoff_s = self.config.backoff_initial_s
@@ -332,7 +329,7 @@ class Puller:
                         backoff_s = self.config.backoff_initial_s
                     self.peer.error = "stream ended"
                 except (FrameError, VersionMismatch) as exc:
-                    self._stop_on_error(exc)
+                    self._stop_on_error(exc.message)
                     return
                 except PeerRefused as exc:
                     self.peer.error = str(exc)
@@ -356,10 +353,15 @@ class Puller:
                 await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
                 backoff_s = min(backoff_s * 2, self.config.backoff_max_s)
 
-    def _stop_on_error(self, exc: CmdlogError) -> None:
+    def _stop_on_error(self, error: str, unexpected: Exception | None = None) -> None:
+        """Record why the puller stops; an `unexpected` error is logged with
+        its traceback, as `puller_failed`."""
         self.stopped_by_error = True
-        self.peer.error = exc.message
-        log.error("puller_stopped", peer=self.peer.url, error=exc.message)
+        self.peer.error = error
+        if unexpected is None:
+            log.error("puller_stopped", peer=self.peer.url, error=error)
+        else:
+            log.error("puller_failed", peer=self.peer.url, exc_info=unexpected)
 
     async def _pull(self, session: aiohttp.ClientSession) -> bool:
         """Read one stream until it ends; return True if any frame arrived."""
@@ -612,12 +614,7 @@ class Peers:
                 self._start_puller(url, stored.get(url))
 
     def _start_puller(self, url: str, record: dict[str, Any] | None) -> None:
-        peer = PeerState(url)
-        if record:
-            peer.node = record.get("node")
-            peer.instance = record.get("instance")
-            peer.cursor = int(record.get("cursor", 0))
-            peer.epoch = replication.parse_epoch(record.get("epoch"))
+        peer = PeerState.from_record(url, record)
         puller = Puller(self.node, peer, self.config)
         self.pullers[url] = puller
         puller.start()

@@ -171,6 +171,18 @@ class PeerState:
             return None
         return self.node, self.boot
 
+    @classmethod
+    def from_record(cls, url: str, record: dict[str, Any] | None) -> PeerState:
+        """Build the state of the peer at `url` from its stored record, if any."""
+        record = record or {}
+        return cls(
+            url,
+            node=record.get("node"),
+            instance=record.get("instance"),
+            cursor=int(record.get("cursor", 0)),
+            epoch=parse_epoch(record.get("epoch")),
+        )
+
     def to_record(self) -> dict[str, Any]:
         return {
             "node": self.node,

@@ -14,7 +14,6 @@ import ipaddress
 import signal
 import socket
 import ssl
-from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -40,20 +39,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise StartupError(f"--listen port {port} is outside 0-65535")
     return host.strip("[]"), port
-
-
-def make_data_dir(path: str) -> None:
-    """Create the data directory if missing; raise StartupError if it cannot be."""
-    fix = "pass a directory, or a path where one can be created"
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise StartupError(f"--data {path} is not a directory; {fix}")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(
-            f"cannot create the --data directory {path}: {exc.strerror or exc}; {fix}"
-        ) from exc
 
 
 def is_loopback(host: str) -> bool:
@@ -84,7 +69,6 @@ class Server:
                 f"would be told to pull from {self.host}"
             )
         self.config = config
-        make_data_dir(config.data_dir)
         self.node = Node(config, app)
         self.metrics = Metrics()
         self._runner: web.AppRunner | None = None

@@ -75,6 +75,20 @@ LOCK_FILE = "node.lock"
 T = TypeVar("T")
 
 
+def make_data_dir(path: Path) -> None:
+    """Create the data directory if it is missing; raise `StartupError` if it
+    cannot be created."""
+    fix = "pass a directory, or a path where one can be created"
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"--data {path} is not a directory; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the --data directory {path}: {exc.strerror or exc}; {fix}"
+        ) from exc
+
+
 def require_store(path: Path) -> None:
     """Raise `StartupError` unless `path` contains a store."""
     if not (path / "data.mdb").exists():
@@ -445,7 +459,7 @@ class Store:
         self._write_lock = threading.Lock()
         self._lock: DirectoryLock | None = None
         if not readonly:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_data_dir(self.path)
             self._lock = DirectoryLock(self.path)
         else:
             require_store(self.path)

@@ -147,12 +147,8 @@ class Cluster(Network):
         node.peers = {}
         for other in self.nodes:
             if other is not node:
-                record = stored.get(other.url) or {}
-                node.peers[other.url] = PeerState(
-                    other.url,
-                    node=record.get("node"),
-                    instance=record.get("instance"),
-                    cursor=int(record.get("cursor", 0)),
+                node.peers[other.url] = PeerState.from_record(
+                    other.url, stored.get(other.url)
                 )
 
         for command_id in node.acknowledged:

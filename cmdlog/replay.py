@@ -151,21 +151,19 @@ def replay(
             folded = None
             if checker is not None:
                 folded = _fold_in_log_order(source, scratch, app, horizon=horizon)
-            if folded is not None:
-                check = checker.result() if checker is not None else None
-                if check is not None and check.unique:
-                    entries, passes = log_length, 1
-                    folded.log_digest = check.items
-                else:
-                    folded = None
-            if folded is None:
+            # A one-pass fold counts only if the second process found no ID twice.
+            check = None
+            if checker is not None and folded is not None:
+                check = checker.result()
+            if folded is not None and check is not None and check.unique:
+                entries, passes = log_length, 1
+                folded.log_digest = check.items
+            else:
                 scratch.clear_state()  # of a one-pass fold that stopped
                 entries, lost_items = _find_winners(source, scratch)
                 folded = _fold_winners(scratch, app, horizon=horizon)
                 check = checker.result() if checker is not None else None
-                all_items = check.items if check is not None else None
-                if all_items is None:
-                    all_items = sum_log_items(source)
+                all_items = sum_log_items(source) if check is None else check.items
                 folded.log_digest = all_items - lost_items
                 passes = 2
     finally:

@@ -9,7 +9,7 @@ not scoped, since the payload fields already name the transaction.
 
 Peers authenticate on `GET /replicate` with the peer token when one is set.
 Without one, the cluster token (a node's only principal) serves peers too;
-a node with several principals then refuses every stream, since a stream
+a node with several principals then rejects every stream, since a stream
 carries every principal's commands and its announce makes the node pull
 from the announced URL. Tokens are compared in constant time and never
 logged.

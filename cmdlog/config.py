@@ -60,8 +60,8 @@ class HttpConfig:
     Commands arriving by replication are held to the same limit."""
     batch_items_max: int = 1_000
     connections_max: int = 1_024
-    """Open client connections; a request on a connection above this gets 503
-    and the connection is closed."""
+    """Open client connections. Above this, a request closes the oldest idle
+    connections, or gets 503 and closes its own when none is idle."""
     idle_timeout_s: float = 30.0
     """How long a connection may wait for its next request, or its first,
     before the node closes it, so idle connections do not hold the limit."""

@@ -8,8 +8,8 @@ the new commands for good.
 
 Each time a node opens its data directory it starts an epoch: the first
 sequence number it will append, under its process's boot name, recorded in
-the same LMDB file as the log. A backup holds the epochs up to its own end,
-so after a restore the sequence numbers past the backup point belong to a
+the same LMDB file as the log. A backup contains the epochs up to its own
+end, so after a restore the sequence numbers past the backup point belong to a
 boot the reader never saw. A reader keeps, next to its cursor, the boot of
 the epoch the cursor is in, and the stream checks that pair against its
 own epochs, the way a Raft follower checks the term of the entry before
@@ -33,11 +33,11 @@ def begin(epochs: Sequence[Sequence[Any]], first_seq: int, boot: str) -> list[Ep
     An epoch that appended nothing (its first seq is also `first_seq`) is
     dropped, so restarts that write nothing do not lengthen the list.
     """
-    kept = [(int(first), str(name)) for first, name in epochs]
-    if kept and kept[-1][0] == first_seq:
-        kept.pop()
-    kept.append((first_seq, boot))
-    return kept
+    updated = [(int(first), str(name)) for first, name in epochs]
+    if updated and updated[-1][0] == first_seq:
+        updated.pop()
+    updated.append((first_seq, boot))
+    return updated
 
 
 def boot_at(epochs: Sequence[Epoch], seq: int) -> str | None:

@@ -130,7 +130,7 @@ class Overloaded(Unavailable):
 
     code = "overloaded"
     close_connection = False
-    """Whether the answer closes its connection, to free a connection slot."""
+    """Whether the 503 response closes its connection, to free a connection slot."""
 
 
 class ShuttingDown(Unavailable):

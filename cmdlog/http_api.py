@@ -274,8 +274,8 @@ def _scoped(request: web.Request, key: str) -> str:
 
 
 _CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
-"""The body encodings aiohttp decodes here (brotli and zstd need modules
-this install does not have)."""
+"""The body encodings accepted. aiohttp decodes br and zstd only when
+optional modules are installed, which this project does not require."""
 
 
 async def read_body(request: web.Request) -> Any:

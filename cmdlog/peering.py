@@ -582,10 +582,10 @@ class Peers:
     def take_stream_slot(self, reader: str | None) -> StreamSlot | None:
         """Return a slot for a new stream to `reader`, or None if all are taken.
 
-        A reader's earlier streams are ended: it opens a new one only when it
-        gave up on them, and the node would notice only at a later write. At
-        the limit, a reader that names itself ends the oldest stream of one
-        that did not, since only named readers are peers' pullers.
+        A reader's earlier streams are ended, because it opens a new one only
+        after giving up on them, and the node would notice only at a later
+        write. At the limit, a named reader ends the oldest stream of an
+        unnamed one, since every peer's puller names its node.
         """
         if reader is not None:
             for slot in self.stream_slots:

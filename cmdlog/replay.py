@@ -413,8 +413,8 @@ def _fold_in_log_order(
     """Fold the log as it is read, if append order is canonical order (one pass).
 
     Return the totals, or None at the first entry that sorts before the
-    entry ahead of it; the scratch state then contains part of the log. A
-    second copy of an ID is not detected here.
+    entry ahead of it. After None, the scratch state contains part of the
+    log. A second copy of an ID is not detected here.
     """
     totals = _Folded()
     previous: tuple[int, str, str] = (-1, "", "")

@@ -232,7 +232,7 @@ def test_replay_passes_match_live(data: st.DataObject, copies: list[Command]) ->
     assert report.matches
 
 
-def test_replay_second_copy_in_order_takes_two_passes(scratch: Path) -> None:
+def test_replay_ordered_duplicate_two_passes(scratch: Path) -> None:
     """A conflicting copy that sorts after the first is stored second, so the
     log is in canonical order but has an ID twice: the second process finds
     it, and replay leaves the one-pass fold for two passes."""
@@ -256,7 +256,7 @@ def test_replay_second_copy_in_order_takes_two_passes(scratch: Path) -> None:
     assert report.state_digest == status.state_digest
 
 
-def test_replay_out_of_order_log_takes_two_passes(scratch: Path) -> None:
+def test_replay_unsorted_log_two_passes(scratch: Path) -> None:
     """A command that arrived after one it sorts before ends the one-pass
     fold part way; the two passes that follow start from empty state."""
     db = open_db(scratch)

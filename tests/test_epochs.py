@@ -27,7 +27,7 @@ class History:
         return History(list(self.log), list(self.epochs))
 
 
-def test_begin_drops_an_epoch_that_appended_nothing() -> None:
+def test_begin_drops_empty_epoch() -> None:
     history = History()
     history.open("a1")
     history.append(3)
@@ -36,7 +36,7 @@ def test_begin_drops_an_epoch_that_appended_nothing() -> None:
     assert history.epochs == [(1, "a1"), (4, "c3")]
 
 
-def test_boot_at_names_the_appending_boot() -> None:
+def test_boot_at_finds_appending_boot() -> None:
     log_epochs = [(1, "a1"), (4, "b2")]
     assert epochs.boot_at(log_epochs, 0) is None
     assert epochs.boot_at(log_epochs, 3) == "a1"
@@ -44,14 +44,14 @@ def test_boot_at_names_the_appending_boot() -> None:
     assert epochs.boot_at(log_epochs, 99) == "b2"
 
 
-def test_resume_after_restore_from_a_cold_backup() -> None:
+def test_resume_after_cold_backup() -> None:
     """The reader read a boot that the restored log never had: from 0."""
     log_epochs = [(1, "a1"), (21, "c3")]  # a1 wrote 1-20, b2 (lost) wrote 21-30
     assert epochs.resume_point(log_epochs, head=35, after=30, boot="b2") == 0
     assert epochs.resume_point(log_epochs, head=35, after=20, boot="a1") == 20
 
 
-def test_resume_after_restore_from_a_hot_backup() -> None:
+def test_resume_after_hot_backup() -> None:
     """The backup ended inside the reader's epoch: resume at its end here."""
     log_epochs = [(1, "a1"), (11, "b2"), (16, "c3")]  # the backup ended at 15
     assert epochs.resume_point(log_epochs, head=40, after=30, boot="b2") == 15
@@ -89,7 +89,7 @@ def restores(draw: st.DrawFn) -> tuple[History, History, int]:
 
 @settings(max_examples=400)
 @given(case=restores())
-def test_resume_point_keeps_only_the_shared_prefix(
+def test_resume_point_in_shared_prefix(
     case: tuple[History, History, int],
 ) -> None:
     """A reader that read `cursor` entries of the original log resumes on

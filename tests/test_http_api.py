@@ -1368,7 +1368,7 @@ BAD_QUERIES: dict[str, tuple[str, int, str]] = {
 }
 
 
-async def test_unknown_path_and_method_say_what_exists(
+async def test_unknown_path_lists_endpoints(
     api_node: NodeProcess, session: aiohttp.ClientSession
 ) -> None:
     """A 404 for an unknown path lists the endpoints, and a 405 names the

@@ -196,8 +196,8 @@ async def open_stream(
         await asyncio.sleep(0.2)
 
 
-async def test_announce_with_credentials_refused(node_factory: Factory) -> None:
-    """An announced URL with a user name and password is refused with 400
+async def test_announce_credentials_rejected(node_factory: Factory) -> None:
+    """An announced URL with a user name and password is rejected with 400
     and not stored, since it would show in /status and the logs."""
     node = node_factory()
     async with aiohttp.ClientSession() as session:
@@ -250,7 +250,7 @@ async def test_second_url_of_pulled_node_stops(node_factory: Factory) -> None:
     assert "already pulls from" in errors[alias]
 
 
-async def test_puller_error_shows_and_ends_only_the_puller() -> None:
+async def test_puller_error_stops_only_puller() -> None:
     """An unexpected error in a puller is logged and shown as the peer's
     error; it neither escapes to the node nor leaves stop() hanging."""
 

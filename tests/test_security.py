@@ -116,13 +116,13 @@ async def test_replicate_needs_peer_token(
     assert statuses == {"none": 401, "client": 401, "peer": 200}
 
 
-async def test_principal_tokens_do_not_open_replicate(
+async def test_replicate_rejects_principal_tokens(
     node_factory: Factory, tmp_path: Path
 ) -> None:
     """With several principals and no peer token, no client token opens
     /replicate: a stream would show one principal the others' commands, and
-    its announce would make the node pull from any URL. The 401 says to set
-    the peer token, and the announced URL is not learned."""
+    its announce would make the node pull from any URL. The 401 message names
+    --peer-token-file, and the announced URL is not learned."""
     node = node_factory(extra_args=("--tokens-file", str(tokens_file(tmp_path))))
     announce = "http://127.0.0.1:9/"
     timeout = aiohttp.ClientTimeout(total=5)

@@ -166,20 +166,20 @@ async def test_stream_slots_go_to_named_readers(node: NodeProcess) -> None:
     oldest of them and is served, while another unnamed reader gets 503. A
     node that opens a second stream ends its first."""
     reader = "node=abc123&boot=def456"
-    taken = []
+    sockets = []
     try:
         for _ in range(64):
-            taken.append((await open_raw_stream(node.port, "after=0"))[0])
+            sockets.append((await open_raw_stream(node.port, "after=0"))[0])
         unnamed_raw, unnamed_head = await open_raw_stream(node.port, "after=0")
-        taken.append(unnamed_raw)
+        sockets.append(unnamed_raw)
         first_raw, first_head = await open_raw_stream(node.port, f"after=0&{reader}")
-        taken.append(first_raw)
-        oldest_closed = await asyncio.to_thread(closed_by_node, taken[0])
+        sockets.append(first_raw)
+        oldest_closed = await asyncio.to_thread(closed_by_node, sockets[0])
         second_raw, second_head = await open_raw_stream(node.port, f"after=0&{reader}")
-        taken.append(second_raw)
+        sockets.append(second_raw)
         first_closed = await asyncio.to_thread(closed_by_node, first_raw)
     finally:
-        for raw in taken:
+        for raw in sockets:
             raw.close()
 
     assert unnamed_head == b"HTTP/1.1 503 Service Unavailable"

@@ -47,14 +47,22 @@ _unpackb = msgpack.unpackb
 _local = threading.local()
 
 
-def pack(value: Any) -> bytes:
-    """Encode `value` with the project's msgpack options."""
+def _packer() -> msgpack.Packer:
     # A Packer keeps an internal buffer, so each thread needs its own; reusing
     # one per thread is several times faster than msgpack.packb.
     try:
-        packer = _local.packer
+        return _local.packer
     except AttributeError:
         packer = _local.packer = msgpack.Packer(**_packer_options)
+        return packer
+
+
+def pack(value: Any) -> bytes:
+    """Encode `value` with the project's msgpack options."""
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _packer()
     return packer.pack(value)  # type: ignore[no-any-return]
 
 
@@ -220,6 +228,22 @@ def canonical(value: Any) -> bytes:
 
 
 def fingerprint(type_name: str, payload: dict[str, Any]) -> bytes:
-    """Hash a command's type and payload, ignoring map key order."""
-    data = pack([type_name, sort_maps(payload)])  # canonical() of the pair
+    """Hash a command's type and payload, ignoring map key order.
+
+    The bytes hashed are `canonical([type_name, payload])`.
+    """
+    pairs = sorted(payload.items())
+    for _key, item in pairs:
+        if type(item) in _CONTAINERS:
+            data = pack([type_name, sort_maps(payload)])
+            break
+    else:
+        # A flat payload, the common case. Packing its sorted pairs gives the
+        # bytes of the sorted map without building it.
+        packer = _packer()
+        data = (
+            packer.pack_array_header(2)
+            + packer.pack(type_name)
+            + packer.pack_map_pairs(pairs)
+        )
     return hashlib.blake2b(data, digest_size=FINGERPRINT_BYTES).digest()

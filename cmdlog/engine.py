@@ -95,6 +95,10 @@ class _Entry(NamedTuple):
     command: Command
 
 
+def _order_of(entry: _Entry) -> bytes:
+    return entry.key
+
+
 class _Batch:
     """Working state of one write transaction."""
 
@@ -436,7 +440,7 @@ class Engine:
         self, batch: _Batch, fresh: list[_Entry], *, removed: Iterable[bytes]
     ) -> None:
         """Fold `fresh` and take `removed` out, keeping canonical order."""
-        fresh.sort(key=lambda entry: entry.key)
+        fresh.sort(key=_order_of)
         removed = sorted(removed)
         last = batch.txn.folded_last_key()
         starts = [entry.key for entry in fresh[:1]] + removed[:1]
@@ -444,8 +448,7 @@ class Engine:
             return
         start = min(starts)
         if last is None or start > last:
-            for entry in fresh:
-                self._apply(batch, entry, keep_undo=True)
+            self._apply_all(batch, fresh)
             return
         self._rewind(batch, start, fresh, set(removed))
 
@@ -478,9 +481,7 @@ class Engine:
             for key, seq in later
             if key not in removed
         ]
-        merged = sorted(replay + fresh, key=lambda entry: entry.key)
-        for entry in merged:
-            self._apply(batch, entry, keep_undo=True)
+        self._apply_all(batch, sorted(replay + fresh, key=_order_of))
 
     def _full_refold(
         self, batch: _Batch, fresh: list[_Entry], removed: set[bytes]
@@ -548,18 +549,42 @@ class Engine:
         keep_undo: bool,
     ) -> None:
         """Fold one command not in `folded` and record its outcome and undo."""
-        command_id = entry.command.id
-        type_name = entry.command.type
-        if type_name not in self.catalogued and type_name not in batch.catalogued:
-            self._record_handler(batch.txn, type_name)
-            batch.catalogued.add(type_name)
-        outcome, undo = fold.apply_command(self.app, batch.overlay, entry.command)
-        batch.outcomes[command_id] = outcome
+        command = entry.command
+        if command.type not in self.catalogued and command.type not in batch.catalogued:
+            self._record_handler(batch.txn, command.type)
+            batch.catalogued.add(command.type)
+        outcome, undo = fold.apply_command(self.app, batch.overlay, command)
+        batch.outcomes[command.id] = outcome
         packed = fold.pack_outcome(outcome)
-        batch.state_digest += fold.outcome_item_hash(command_id, packed)
-        batch.txn.folded_put(entry.key, entry.seq, packed)
-        if keep_undo:
-            batch.txn.undo_put(entry.key, undo)
+        batch.state_digest += fold.outcome_item_hash(command.id, packed)
+        batch.txn.folded_put(entry.key, entry.seq, packed, undo if keep_undo else None)
+
+    def _apply_all(self, batch: _Batch, entries: list[_Entry]) -> None:
+        """Fold `entries` in the order given and keep the undo record of each.
+
+        These are the steps of `_apply`, written out once for a whole run with
+        the lookups hoisted, because this loop runs for every command a node
+        takes.
+        """
+        app, overlay, outcomes, txn = self.app, batch.overlay, batch.outcomes, batch.txn
+        apply_command, pack, outcome_hash = (
+            fold.apply_command,
+            fold.pack_outcome,
+            fold.outcome_item_hash,
+        )
+        known = self.catalogued | batch.catalogued
+        digest = batch.state_digest
+        for key, seq, command in entries:
+            if command.type not in known:
+                self._record_handler(txn, command.type)
+                batch.catalogued.add(command.type)
+                known.add(command.type)
+            outcome, undo = apply_command(app, overlay, command)
+            outcomes[command.id] = outcome
+            packed = pack(outcome)
+            digest += outcome_hash(command.id, packed)
+            txn.folded_put(key, seq, packed, undo)
+        batch.state_digest = digest
 
     def _record_handler(self, txn: Txn, type_name: str) -> None:
         fingerprint = self.fingerprints.get(type_name)

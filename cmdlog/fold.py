@@ -41,23 +41,24 @@ for a handler bug, and is deterministic either way."""
 # because it may contain any byte, and the last part runs to the end.
 
 
-def _item_hash(data: bytes) -> int:
-    return int.from_bytes(_blake2b(data, digest_size=32).digest(), "big")
+# The three item hashes below each call blake2b themselves rather than share
+# a helper, because together they run several times per command.
 
 
 def state_item_hash(domain: str, key: bytes, value: bytes) -> int:
-    return _item_hash(
-        b"s" + domain.encode() + b"\x00" + len(key).to_bytes(4, "big") + key + value
-    )
+    data = b"s" + domain.encode() + b"\x00" + len(key).to_bytes(4, "big") + key + value
+    return int.from_bytes(_blake2b(data, digest_size=32).digest(), "big")
 
 
 def outcome_item_hash(command_id: str, outcome: bytes) -> int:
     """Hash a command's packed outcome (see `pack_outcome`)."""
-    return _item_hash(b"o" + command_id.encode() + b"\x00" + outcome)
+    data = b"o" + command_id.encode() + b"\x00" + outcome
+    return int.from_bytes(_blake2b(data, digest_size=32).digest(), "big")
 
 
 def log_item_hash(command_id: str, fingerprint: bytes) -> int:
-    return _item_hash(b"l" + command_id.encode() + b"\x00" + fingerprint)
+    data = b"l" + command_id.encode() + b"\x00" + fingerprint
+    return int.from_bytes(_blake2b(data, digest_size=32).digest(), "big")
 
 
 def pack_outcome(outcome: Outcome) -> bytes:

@@ -229,10 +229,15 @@ class Txn:
             return None
         return int.from_bytes(data[:SEQ_BYTES], "big"), data[SEQ_BYTES:]
 
-    def folded_put(self, key: bytes, seq: int, outcome: bytes) -> None:
-        self.raw.put(
-            key, seq.to_bytes(SEQ_BYTES, "big") + outcome, db=self._dbs["folded"]
-        )
+    def folded_put(
+        self, key: bytes, seq: int, outcome: bytes, undo: list[Any] | None = None
+    ) -> None:
+        """Record a folded command and, unless `undo` is None, its undo record."""
+        dbs = self._dbs
+        self.raw.put(key, seq.to_bytes(SEQ_BYTES, "big") + outcome, db=dbs["folded"])
+        if undo is not None:
+            data = codec.pack(undo) if undo else _EMPTY_LIST
+            self.raw.put(key, data, db=dbs["undo"])
 
     def folded_delete(self, key: bytes) -> None:
         self.raw.delete(key, db=self._dbs["folded"])
@@ -267,10 +272,6 @@ class Txn:
             yield key, codec.unpack(data)
 
     # undo records
-
-    def undo_put(self, key: bytes, entries: list[Any]) -> None:
-        data = codec.pack(entries) if entries else _EMPTY_LIST
-        self.raw.put(key, data, db=self._dbs["undo"])
 
     def undo_pop(self, key: bytes) -> list[Any] | None:
         data = self.raw.pop(key, db=self._dbs["undo"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import math
 import random
 from decimal import Decimal
@@ -127,6 +128,18 @@ def test_fingerprint_ignores_key_order(
     expected = codec.fingerprint("ledger.charge", payload)
     assert codec.fingerprint("ledger.charge", reorder_maps(payload, rng)) == expected
     assert codec.fingerprint("ledger.charge", reverse_maps(payload)) == expected
+
+
+@given(st.text(min_size=1, max_size=20), json_maps)
+def test_fingerprint_hashes_the_canonical_pair(
+    type_name: str, payload: dict[str, Any]
+) -> None:
+    """Flat or nested, a payload's fingerprint is the hash of the canonical
+    encoding of [type, payload], so every node computes the same one."""
+    expected = hashlib.blake2b(
+        codec.canonical([type_name, payload]), digest_size=codec.FINGERPRINT_BYTES
+    ).digest()
+    assert codec.fingerprint(type_name, payload) == expected
 
 
 def test_canonical_sorts_nested_maps() -> None:

@@ -23,6 +23,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from tests.nodes import NodeProcess
+from tests.raw_http import raw_request
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -856,13 +857,6 @@ async def test_requests_over_limit(
     assert health.status == 200, health.body
     assert held_response.startswith(b"HTTP/1.1 201"), held_response[:200]
     assert after.status == 200, after.body
-
-
-async def raw_request(host: str, port: int, request: bytes) -> tuple[Any, Any]:
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(request)
-    await writer.drain()
-    return reader, writer
 
 
 async def test_connections_over_limit(

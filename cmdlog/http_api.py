@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -185,6 +186,9 @@ class Limits:
         """Set on shutdown: requests that start from now on get 503."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self._body_reads: set[asyncio.Timeout] = set()
+        """The timeouts of the body reads in progress, which have no deadline
+        until `end_body_reads` sets one."""
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; return False on timeout."""
@@ -194,6 +198,37 @@ class Limits:
         except TimeoutError:
             return False
         return True
+
+    @contextlib.asynccontextmanager
+    async def reading_body(self) -> AsyncIterator[None]:
+        """Wrap a request's body read, so that `end_body_reads` can end it
+        with ShuttingDown."""
+        try:
+            async with asyncio.timeout(None) as timeout:
+                self._body_reads.add(timeout)
+                try:
+                    yield
+                finally:
+                    self._body_reads.discard(timeout)
+        except TimeoutError as exc:
+            if not timeout.expired():
+                raise
+            raise ShuttingDown(
+                "the node shut down before the request body arrived, so nothing "
+                "was recorded; send the request again, to another node"
+            ) from exc
+
+    def end_body_reads(self) -> int:
+        """End every body read in progress with ShuttingDown (503), and return
+        how many there were.
+
+        A request still waiting for its body has nothing to commit, so
+        shutdown need not wait for it.
+        """
+        now = asyncio.get_running_loop().time()
+        for timeout in self._body_reads:
+            timeout.reschedule(now)
+        return len(self._body_reads)
 
     @web.middleware
     async def middleware(
@@ -293,7 +328,8 @@ async def read_body(request: web.Request) -> Any:
             f"as {', '.join(_CONTENT_ENCODINGS)}"
         )
     try:
-        data = await request.read()
+        async with request.app[LIMITS].reading_body():
+            data = await request.read()
     except web_protocol.RequestPayloadError as exc:
         raise MalformedBody(
             f"body could not be read: {exc}; check its Content-Encoding and "

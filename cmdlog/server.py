@@ -4,7 +4,8 @@ Shutdown drains in order: stop accepting connections, let in-flight
 requests finish (up to `shutdown_timeout_s`), commit everything the writer
 has queued, close the store. A request that had not reached the writer by
 then gets 503, so its client retries elsewhere and nothing half-done is
-ever acknowledged.
+ever acknowledged. After the timeout, shutdown waits at most three times
+`shutdown_close_timeout_s` for requests still running, then cancels them.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ class Server:
         runner = web.AppRunner(
             web_app,
             handle_signals=False,
-            shutdown_timeout=self.config.http.shutdown_timeout_s,
+            # stop() has waited shutdown_timeout_s for requests already, so
+            # aiohttp's cleanup waits only briefly before and after it cancels
+            # those still running.
+            shutdown_timeout=self.config.http.shutdown_close_timeout_s,
         )
         await runner.setup()
         limits = web_app[LIMITS]
@@ -215,15 +219,32 @@ class Server:
             # already running finish (their bodies included) before cleanup.
             self._limits.draining = True
             self._listener.close()
-            drained = await self._limits.wait_idle(self.config.http.shutdown_timeout_s)
-            if not drained:
-                log.warning("requests_abandoned", in_flight=self._limits.in_flight)
+            await self._drain(self._limits)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.node.stop()
         if self._log_flusher is not None:
             self._log_flusher.cancel()
         log.info("server_stopped")
+
+    async def _drain(self, limits: Limits) -> None:
+        """Wait for in-flight requests, up to the shutdown timeout.
+
+        Requests still waiting for their bodies then get 503, because they
+        have nothing to commit.
+        """
+        http = self.config.http
+        if await limits.wait_idle(http.shutdown_timeout_s):
+            return
+        in_flight = limits.in_flight
+        waiting_for_body = limits.end_body_reads()
+        await limits.wait_idle(http.shutdown_close_timeout_s)
+        log.warning(
+            "drain_timed_out",
+            in_flight=in_flight,
+            waiting_for_body=waiting_for_body,
+            still_running=limits.in_flight,
+        )
 
     async def serve_until_signalled(self) -> None:
         stop = asyncio.Event()

@@ -43,3 +43,16 @@ async def read_reply(reader: asyncio.StreamReader) -> RawReply:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return RawReply(int(status_line.split(" ")[1]), headers, body)
+
+
+def command_head(port: int, key: str, content_length: int) -> bytes:
+    """Return the head of a JSON `POST /commands` that closes its connection,
+    up to and including the blank line before the body."""
+    return (
+        "POST /commands HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Idempotency-Key: {key}\r\n"
+        f"Content-Length: {content_length}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -186,9 +185,10 @@ class Limits:
         """Set on shutdown: requests that start from now on get 503."""
         self._idle = asyncio.Event()
         self._idle.set()
-        self._body_reads: set[asyncio.Timeout] = set()
-        """The timeouts of the body reads in progress, which have no deadline
-        until `end_body_reads` sets one."""
+        self._body_readers: set[asyncio.Task[Any]] = set()
+        """The request tasks waiting in `read` for a body."""
+        self._ended_reads: set[asyncio.Task[Any]] = set()
+        """The tasks among them that `end_body_reads` cancelled."""
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; return False on timeout."""
@@ -199,24 +199,26 @@ class Limits:
             return False
         return True
 
-    @contextlib.asynccontextmanager
-    async def reading_body(self) -> AsyncIterator[None]:
-        """Wrap a request's body read, so that `end_body_reads` can end it
+    async def read(self, request: web.Request) -> bytes:
+        """Read the request's body, unless `end_body_reads` ends the wait
         with ShuttingDown."""
+        task = asyncio.current_task()
+        assert task is not None, "a request body is read outside a task"
+        self._body_readers.add(task)
         try:
-            async with asyncio.timeout(None) as timeout:
-                self._body_reads.add(timeout)
-                try:
-                    yield
-                finally:
-                    self._body_reads.discard(timeout)
-        except TimeoutError as exc:
-            if not timeout.expired():
+            return await request.read()
+        except asyncio.CancelledError:
+            # uncancel() leaves a count above 0 when something else cancelled
+            # the task too, and that cancellation must go on.
+            if task not in self._ended_reads or task.uncancel() > 0:
                 raise
             raise ShuttingDown(
                 "the node shut down before the request body arrived, so nothing "
                 "was recorded; send the request again, to another node"
-            ) from exc
+            ) from None
+        finally:
+            self._body_readers.discard(task)
+            self._ended_reads.discard(task)
 
     def end_body_reads(self) -> int:
         """End every body read in progress with ShuttingDown (503), and return
@@ -225,10 +227,10 @@ class Limits:
         A request still waiting for its body has nothing to commit, so
         shutdown need not wait for it.
         """
-        now = asyncio.get_running_loop().time()
-        for timeout in self._body_reads:
-            timeout.reschedule(now)
-        return len(self._body_reads)
+        for task in self._body_readers:
+            self._ended_reads.add(task)
+            task.cancel()
+        return len(self._body_readers)
 
     @web.middleware
     async def middleware(
@@ -328,8 +330,7 @@ async def read_body(request: web.Request) -> Any:
             f"as {', '.join(_CONTENT_ENCODINGS)}"
         )
     try:
-        async with request.app[LIMITS].reading_body():
-            data = await request.read()
+        data = await request.app[LIMITS].read(request)
     except web_protocol.RequestPayloadError as exc:
         raise MalformedBody(
             f"body could not be read: {exc}; check its Content-Encoding and "

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import math
 import os
 import sys
 import urllib.parse
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from cmdlog.app import App
 from cmdlog.errors import CmdlogError, StartupError
 
 DEFAULT_APP = "cmdlog.apps.example:app"
+_Value = TypeVar("_Value", int, float)
 
 
 def load_app(spec: str) -> App:
@@ -107,7 +109,18 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _limit(flag_value: int | None, name: str, default: int) -> int:
-    """Return a limit from its flag, else from `CMDLOG_{name}`, else `default`.
+    """Return a limit from its flag, else from `CMDLOG_{name}`, else `default`."""
+    return _setting(flag_value, name, default, _positive_int)
+
+
+def _setting(
+    flag_value: _Value | None,
+    name: str,
+    default: _Value,
+    parse: Callable[[str], _Value],
+) -> _Value:
+    """Return a setting from its flag, else from `CMDLOG_{name}` read with
+    `parse`, else `default`.
 
     The variable is read here, not as the flag's parser default, so an
     invalid value stops only `serve`, with a `StartupError` (exit 2).
@@ -118,7 +131,7 @@ def _limit(flag_value: int | None, name: str, default: int) -> int:
     if value is None:
         return default
     try:
-        return _positive_int(value)
+        return parse(value)
     except argparse.ArgumentTypeError as exc:
         raise StartupError(f"CMDLOG_{name} {exc}") from None
 
@@ -132,6 +145,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(
             f"must be a whole number of 1 or more, found {text!r}"
+        )
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """Parse a duration: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0, found {text!r}"
         )
     return value
 
@@ -232,6 +258,12 @@ def _serve(args: argparse.Namespace) -> int:
             ),
             requests_in_flight_max=_limit(
                 args.requests_max, "REQUESTS_MAX", defaults.requests_in_flight_max
+            ),
+            shutdown_timeout_s=_setting(
+                args.shutdown_timeout_s,
+                "SHUTDOWN_TIMEOUT_S",
+                defaults.shutdown_timeout_s,
+                _positive_seconds,
             ),
         ),
         credentials=_credentials(args),
@@ -430,6 +462,14 @@ def _add_serve(commands: Any) -> None:
         default=None,
         help="requests handled at once before more get 503 "
         "(CMDLOG_REQUESTS_MAX, default 2048)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout-s",
+        type=_positive_seconds,
+        default=None,
+        help="seconds SIGTERM waits for running requests, their bodies included, "
+        "before requests still waiting for a body get 503 and the node exits "
+        "(CMDLOG_SHUTDOWN_TIMEOUT_S, default 10)",
     )
     serve.set_defaults(run=_serve)
 

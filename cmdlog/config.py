@@ -68,7 +68,14 @@ class HttpConfig:
     requests_in_flight_max: int = 2_048
     """Requests being handled at once; above this a request gets 503."""
     shutdown_timeout_s: float = 10.0
-    """How long SIGTERM waits for in-flight requests before closing them."""
+    """How long SIGTERM waits for in-flight requests, their bodies included.
+    A request still waiting for its body then gets 503, and what else is
+    still running gets `shutdown_close_timeout_s` more."""
+    shutdown_close_timeout_s: float = 0.5
+    """How long each of the last three shutdown steps may wait. The first
+    waits for the 503s sent to requests still waiting for a body, and the
+    other two let aiohttp wait for requests still running, before it cancels
+    them and after."""
     retry_after_s: int = 1
 
 

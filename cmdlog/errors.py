@@ -41,6 +41,12 @@ class MalformedBody(ClientError):
     code = "malformed_body"
 
 
+class MalformedRequest(ClientError):
+    """The request is not valid HTTP/1.1, so the HTTP parser rejected it."""
+
+    code = "malformed_request"
+
+
 class InvalidArgument(ClientError):
     """A query string or path parameter is missing or malformed."""
 

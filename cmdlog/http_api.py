@@ -185,6 +185,10 @@ class Limits:
         """Set on shutdown: requests that start from now on get 503."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self._body_readers: set[asyncio.Task[Any]] = set()
+        """The request tasks waiting in `read` for a body."""
+        self._ended_reads: set[asyncio.Task[Any]] = set()
+        """The tasks among them that `end_body_reads` cancelled."""
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; return False on timeout."""
@@ -194,6 +198,39 @@ class Limits:
         except TimeoutError:
             return False
         return True
+
+    async def read(self, request: web.Request) -> bytes:
+        """Read the request's body, unless `end_body_reads` ends the wait
+        with ShuttingDown."""
+        task = asyncio.current_task()
+        assert task is not None, "a request body is read outside a task"
+        self._body_readers.add(task)
+        try:
+            return await request.read()
+        except asyncio.CancelledError:
+            # uncancel() leaves a count above 0 when something else cancelled
+            # the task too, and that cancellation must go on.
+            if task not in self._ended_reads or task.uncancel() > 0:
+                raise
+            raise ShuttingDown(
+                "the node shut down before the request body arrived, so nothing "
+                "was recorded; send the request again, to another node"
+            ) from None
+        finally:
+            self._body_readers.discard(task)
+            self._ended_reads.discard(task)
+
+    def end_body_reads(self) -> int:
+        """End every body read in progress with ShuttingDown (503), and return
+        how many there were.
+
+        A request still waiting for its body has nothing to commit, so
+        shutdown need not wait for it.
+        """
+        for task in self._body_readers:
+            self._ended_reads.add(task)
+            task.cancel()
+        return len(self._body_readers)
 
     @web.middleware
     async def middleware(
@@ -293,7 +330,7 @@ async def read_body(request: web.Request) -> Any:
             f"as {', '.join(_CONTENT_ENCODINGS)}"
         )
     try:
-        data = await request.read()
+        data = await request.app[LIMITS].read(request)
     except web_protocol.RequestPayloadError as exc:
         raise MalformedBody(
             f"body could not be read: {exc}; check its Content-Encoding and "

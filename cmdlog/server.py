@@ -4,7 +4,8 @@ Shutdown drains in order: stop accepting connections, let in-flight
 requests finish (up to `shutdown_timeout_s`), commit everything the writer
 has queued, close the store. A request that had not reached the writer by
 then gets 503, so its client retries elsewhere and nothing half-done is
-ever acknowledged.
+ever acknowledged. After the timeout, shutdown waits at most three times
+`shutdown_close_timeout_s` for requests still running, then cancels them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import signal
-import socket
 import ssl
 
 import structlog
@@ -21,6 +21,7 @@ from aiohttp import web
 from cmdlog.app import App
 from cmdlog.errors import StartupError
 from cmdlog.http_api import LIMITS, Limits, create_app
+from cmdlog.http_protocol import handler_factory
 from cmdlog.logs import ACCESS_FLUSH_INTERVAL_S, flush_logs
 from cmdlog.metrics import GaugeValue, Metrics
 from cmdlog.node import Node, NodeConfig
@@ -72,7 +73,7 @@ class Server:
         self.node = Node(config, app)
         self.metrics = Metrics()
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: asyncio.Server | None = None
         self._limits: Limits | None = None
         self._log_flusher: asyncio.Task[None] | None = None
 
@@ -82,10 +83,11 @@ class Server:
         web_app = create_app(self.node, self.metrics)
         runner = web.AppRunner(
             web_app,
-            access_log=None,
             handle_signals=False,
-            shutdown_timeout=self.config.http.shutdown_timeout_s,
-            keepalive_timeout=self.config.http.idle_timeout_s,
+            # stop() has waited shutdown_timeout_s for requests already, so
+            # aiohttp's cleanup waits only briefly before and after it cancels
+            # those still running.
+            shutdown_timeout=self.config.http.shutdown_close_timeout_s,
         )
         await runner.setup()
         limits = web_app[LIMITS]
@@ -95,15 +97,19 @@ class Server:
         limits.close_idle = lambda count: _close_idle(server.connections, count)
         self.node.writer.on_commit.append(self.metrics.commits.inc)
         self.metrics.add_gauges(lambda: self._gauges(limits))
-        site = web.TCPSite(
-            runner,
-            self.host,
-            self.port,
-            reuse_address=True,
-            ssl_context=self._server_ssl(),
+        # The listener is created here instead of by a web.TCPSite, because a
+        # TCPSite makes each connection's handler with aiohttp's own class.
+        make_handler = handler_factory(
+            server, idle_timeout_s=self.config.http.idle_timeout_s
         )
         try:
-            await site.start()
+            listener = await asyncio.get_running_loop().create_server(
+                make_handler,
+                self.host,
+                self.port,
+                reuse_address=True,
+                ssl=self._server_ssl(),
+            )
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {self.host}:{self.port}: "
@@ -111,9 +117,9 @@ class Server:
                 "address, or pass another --listen"
             ) from exc
         self._runner = runner
-        self._site = site
+        self._listener = listener
         self._limits = limits
-        self.port = self._bound_port(site)
+        self.port = listener.sockets[0].getsockname()[1]
         if self.node.advertise_url is None:
             self.node.advertise_url = f"{self.scheme}://{self.host}:{self.port}"
         await self.node.start_peers()
@@ -204,32 +210,41 @@ class Server:
             ),
         }
 
-    @staticmethod
-    def _bound_port(site: web.TCPSite) -> int:
-        server = site._server  # aiohttp keeps the asyncio server private
-        assert isinstance(server, asyncio.base_events.Server)
-        sock: socket.socket = server.sockets[0]
-        port: int = sock.getsockname()[1]
-        return port
-
     async def stop(self) -> None:
         log.info("server_stopping", node=self.node.node_id)
         await self.node.close_streams()
-        if self._site is not None and self._limits is not None:
+        if self._listener is not None and self._limits is not None:
             # aiohttp's own cleanup discards request bodies still arriving, so
             # first refuse new connections and requests, then let the requests
             # already running finish (their bodies included) before cleanup.
             self._limits.draining = True
-            await self._site.stop()
-            drained = await self._limits.wait_idle(self.config.http.shutdown_timeout_s)
-            if not drained:
-                log.warning("requests_abandoned", in_flight=self._limits.in_flight)
+            self._listener.close()
+            await self._drain(self._limits)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.node.stop()
         if self._log_flusher is not None:
             self._log_flusher.cancel()
         log.info("server_stopped")
+
+    async def _drain(self, limits: Limits) -> None:
+        """Wait for in-flight requests, up to the shutdown timeout.
+
+        Requests still waiting for their bodies then get 503, because they
+        have nothing to commit.
+        """
+        http = self.config.http
+        if await limits.wait_idle(http.shutdown_timeout_s):
+            return
+        in_flight = limits.in_flight
+        waiting_for_body = limits.end_body_reads()
+        await limits.wait_idle(http.shutdown_close_timeout_s)
+        log.warning(
+            "drain_timed_out",
+            in_flight=in_flight,
+            waiting_for_body=waiting_for_body,
+            still_running=limits.in_flight,
+        )
 
     async def serve_until_signalled(self) -> None:
         stop = asyncio.Event()

@@ -23,6 +23,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from tests.nodes import NodeProcess
+from tests.raw_http import command_head, raw_request
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -802,17 +803,8 @@ async def hold_request(
     Return the connection and the rest of the body, to send later.
     """
     body = json.dumps(open_command(unique("held"))).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
-    head = (
-        "POST /commands HTTP/1.1\r\n"
-        f"Host: 127.0.0.1:{node.port}\r\n"
-        f"Content-Type: {JSON}\r\n"
-        f"Idempotency-Key: {unique('held')}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    writer.write(head + body[:10])
-    await writer.drain()
+    head = command_head(node.port, unique("held"), len(body))
+    reader, writer = await raw_request("127.0.0.1", node.port, head + body[:10])
     return reader, writer, body[10:]
 
 
@@ -856,13 +848,6 @@ async def test_requests_over_limit(
     assert health.status == 200, health.body
     assert held_response.startswith(b"HTTP/1.1 201"), held_response[:200]
     assert after.status == 200, after.body
-
-
-async def raw_request(host: str, port: int, request: bytes) -> tuple[Any, Any]:
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(request)
-    await writer.drain()
-    return reader, writer
 
 
 async def test_connections_over_limit(

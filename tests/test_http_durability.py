@@ -20,6 +20,8 @@ import aiohttp
 import pytest
 
 from tests.nodes import NodeProcess
+from tests.raw_http import command_head, raw_request
+from tests.slow_app import APPLY_S
 
 JSON = "application/json"
 KILL_ROUNDS = 20
@@ -27,6 +29,10 @@ IN_FLIGHT_REQUESTS = 50
 POLL_ATTEMPTS_MAX = 250
 POLL_INTERVAL_S = 0.02
 RESPONSE_TIMEOUT_S = 20.0
+SHUTDOWN_TIMEOUT_S = 2.0
+EXIT_MARGIN_S = 1.5
+"""Time a node may take past its shutdown timeout to exit, for aiohttp's last
+wait on the stalled connection, the writer's last commit and closing LMDB."""
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
 
@@ -110,17 +116,8 @@ async def hold_deposit(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """Send a deposit's headers and part of its body, and return the rest."""
     body = json.dumps(deposit("drain")).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
-    head = (
-        "POST /commands HTTP/1.1\r\n"
-        f"Host: 127.0.0.1:{node.port}\r\n"
-        f"Content-Type: {JSON}\r\n"
-        f"Idempotency-Key: {key}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    writer.write(head + body[:10])
-    await writer.drain()
+    head = command_head(node.port, key, len(body))
+    reader, writer = await raw_request("127.0.0.1", node.port, head + body[:10])
     return reader, writer, body[10:]
 
 
@@ -260,3 +257,48 @@ async def test_sigterm_during_burst(
         found_status, found = request(node, "GET", path_of(key))
         assert found_status == 200, f"{key}: {found}"
     assert balance(node, "burst") == len(acknowledged)
+
+
+@pytest.mark.slow
+async def test_sigterm_ends_stalled_upload(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    """SIGTERM with an upload stalled mid-body exits 0 within the shutdown
+    timeout, sends the upload 503, and keeps a command that was committing."""
+    assert APPLY_S < SHUTDOWN_TIMEOUT_S
+    node = node_factory(
+        app="tests.slow_app:app",
+        extra_args=("--shutdown-timeout-s", str(SHUTDOWN_TIMEOUT_S)),
+    )
+    stalled_reader, stalled_writer = await raw_request(
+        "127.0.0.1", node.port, command_head(node.port, "stalled", 1000) + b'{"type"'
+    )
+    note = json.dumps({"type": "slow.note", "payload": {}}).encode()
+    committing_reader, committing_writer = await raw_request(
+        "127.0.0.1", node.port, command_head(node.port, "committing", len(note)) + note
+    )
+    count_in_flight = await wait_for_in_flight(node, 2)
+
+    node.signal(signal.SIGTERM)
+    signalled_at = time.monotonic()
+    exit_code = await asyncio.to_thread(node.wait)
+    exit_s = time.monotonic() - signalled_at
+    try:
+        committing = await asyncio.wait_for(committing_reader.read(), timeout=10)
+        stalled = await asyncio.wait_for(stalled_reader.read(), timeout=10)
+    finally:
+        committing_writer.close()
+        stalled_writer.close()
+    node.start()
+    committed_status, committed = request(node, "GET", path_of("committing"))
+    stalled_status, _ = request(node, "GET", path_of("stalled"))
+
+    assert count_in_flight == 2
+    assert exit_code == 0, node.log_text()[-3000:]
+    assert exit_s < SHUTDOWN_TIMEOUT_S + EXIT_MARGIN_S
+    assert committing.startswith(b"HTTP/1.1 201 "), committing[:300]
+    assert stalled.startswith(b"HTTP/1.1 503 "), stalled[:300]
+    assert b'"code":"shutting_down"' in stalled, stalled[:300]
+    assert committed_status == 200, committed
+    assert committed["outcome"]["status"] == "applied", committed
+    assert stalled_status == 404

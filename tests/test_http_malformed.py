@@ -1,7 +1,8 @@
-"""Tests that malformed bodies get a 4xx from cmdlog.http_api and record nothing.
+"""Tests that malformed requests get a 4xx error and record nothing.
 
-All cases of tests.malformed_corpus run against one node, which must keep
-serving after each of them.
+Malformed bodies (the cases of tests.malformed_corpus) reach cmdlog.http_api;
+requests that aiohttp's HTTP parser rejects reach cmdlog.http_protocol. All
+cases run against one node, which must keep serving after each of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from tests.malformed_corpus import CASES, MalformedCase
 from tests.nodes import NodeProcess
+from tests.raw_http import raw_request, read_reply
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -89,3 +91,155 @@ async def test_malformed_body_rejected(
     assert body["error"]["message"].strip(), body
     assert await command_count(session, corpus_node) == count
     assert health_status == 200
+
+
+# Requests that aiohttp's parser rejects before any handler runs: the bytes
+# sent, the expected error code, and a part of aiohttp's description that the
+# message must repeat. Bodies are valid commands, so a request that got past
+# the parser would record one.
+_OPEN_BODY = json.dumps(
+    {"type": "ledger.open", "payload": {"account": "unparsed", "currency": "EUR"}}
+).encode()
+_POST_HEAD = b"POST /commands HTTP/1.1\r\nHost: x\r\nIdempotency-Key: unparsed\r\n"
+_CHUNKED_HEAD = _POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+_CHUNK_SIZE = b"%x" % len(_OPEN_BODY)
+UNPARSABLE: dict[str, tuple[bytes, str, str]] = {
+    "request-line-garbage": (b"GARBAGE\r\n\r\n", "malformed_request_line", "GARBAGE"),
+    "method-invalid": (
+        b"P(ST /commands HTTP/1.1\r\nHost: x\r\n\r\n",
+        "malformed_request_line",
+        "method",
+    ),
+    "version-invalid": (
+        b"GET /status HTTP/9.Z\r\nHost: x\r\n\r\n",
+        "malformed_request_line",
+        "version",
+    ),
+    "line-ends-bare-lf": (
+        b"GET /status HTTP/1.1\nHost: x\n\n",
+        "malformed_request_line",
+        "CRLF",
+    ),
+    "url-control-char": (
+        b"GET /status\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "invalid_url",
+        "url",
+    ),
+    "header-without-colon": (
+        _POST_HEAD + b"NoColonHere\r\n\r\n",
+        "malformed_request",
+        "NoColonHere",
+    ),
+    "header-value-nul": (
+        _POST_HEAD + b"X-Note: a\x00b\r\n\r\n",
+        "malformed_request",
+        "header value",
+    ),
+    "header-old-websocket": (
+        b"GET /status HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key1: 1\r\n\r\n",
+        "invalid_header",
+        "Sec-WebSocket-Key1",
+    ),
+    "header-too-long": (
+        b"GET /status HTTP/1.1\r\nHost: x\r\nX-Note: " + b"a" * 9000 + b"\r\n\r\n",
+        "line_too_long",
+        "8190 bytes",
+    ),
+    "request-line-too-long": (
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "line_too_long",
+        "8190 bytes",
+    ),
+    "headers-too-many": (
+        b"GET /status HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-Note-%d: a\r\n" % index for index in range(200))
+        + b"\r\n",
+        "malformed_request",
+        "Too many headers",
+    ),
+    "content-length-not-number": (
+        _POST_HEAD + b"Content-Length: 1e3\r\n\r\n" + _OPEN_BODY,
+        "malformed_request",
+        "Content-Length",
+    ),
+    "content-length-twice": (
+        _POST_HEAD
+        + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+        % (len(_OPEN_BODY), len(_OPEN_BODY) + 1)
+        + _OPEN_BODY,
+        "malformed_request",
+        "Content-Length",
+    ),
+    "content-length-and-chunked": (
+        _POST_HEAD
+        + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(_OPEN_BODY)
+        + _CHUNK_SIZE
+        + b"\r\n"
+        + _OPEN_BODY
+        + b"\r\n0\r\n\r\n",
+        "malformed_request",
+        "Transfer-Encoding",
+    ),
+    "chunk-size-not-hex": (
+        _CHUNKED_HEAD + b"zz\r\n" + _OPEN_BODY + b"\r\n0\r\n\r\n",
+        "malformed_request",
+        "chunk size",
+    ),
+    "chunk-without-crlf": (
+        _CHUNKED_HEAD + _CHUNK_SIZE + b"\r\n" + _OPEN_BODY + b"0\r\n\r\n",
+        "malformed_request",
+        "chunk",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "code", "reason"), UNPARSABLE.values(), ids=UNPARSABLE.keys()
+)
+async def test_unparsable_request_rejected(
+    corpus_node: NodeProcess,
+    session: aiohttp.ClientSession,
+    request_bytes: bytes,
+    code: str,
+    reason: str,
+) -> None:
+    """A request that aiohttp's parser rejects gets a JSON 400 error, records
+    nothing and leaves the node serving."""
+    count = await command_count(session, corpus_node)
+
+    reader, writer = await raw_request("127.0.0.1", corpus_node.port, request_bytes)
+    try:
+        reply = await read_reply(reader)
+    finally:
+        writer.close()
+    async with session.get(corpus_node.url + "/healthz") as health:
+        health_status = health.status
+
+    assert reply.status == 400, reply
+    assert reply.headers.get("content-type") == JSON, reply
+    body = json.loads(reply.body)
+    assert list(body) == ["error"], body
+    assert sorted(body["error"]) == ["code", "message"], body
+    assert body["error"]["code"] == code, body
+    assert reason.lower() in body["error"]["message"].lower(), body
+    assert await command_count(session, corpus_node) == count
+    assert health_status == 200
+
+
+async def test_unparsable_request_logged(corpus_node: NodeProcess) -> None:
+    """A request that the parser rejects is logged as one `request_malformed`
+    event, without a traceback."""
+    reader, writer = await raw_request("127.0.0.1", corpus_node.port, b"LOGGED\r\n\r\n")
+    try:
+        await read_reply(reader)
+    finally:
+        writer.close()
+
+    lines = [
+        json.loads(line)
+        for line in corpus_node.log_text().splitlines()
+        if "LOGGED" in line
+    ]
+    assert [line["event"] for line in lines] == ["request_malformed"], lines
+    assert lines[0]["code"] == "malformed_request_line", lines
+    assert "exception" not in lines[0], lines

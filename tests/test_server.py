@@ -106,31 +106,56 @@ def test_serve_keeps_writing_after_log_pipe_closes(tmp_path: Path) -> None:
             process.stdout.close()
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "many"])
-def test_serve_refuses_limit_below_one(
-    tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]
+_WHOLE_NUMBER = "must be a whole number of 1 or more"
+_SECONDS = "must be a number of seconds above 0"
+BAD_SETTINGS = [
+    ("--requests-max", "0", _WHOLE_NUMBER),
+    ("--requests-max", "-1", _WHOLE_NUMBER),
+    ("--requests-max", "many", _WHOLE_NUMBER),
+    ("--shutdown-timeout-s", "0", _SECONDS),
+    ("--shutdown-timeout-s", "-1", _SECONDS),
+    ("--shutdown-timeout-s", "nan", _SECONDS),
+    ("--shutdown-timeout-s", "inf", _SECONDS),
+    ("--shutdown-timeout-s", "soon", _SECONDS),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), BAD_SETTINGS)
+def test_serve_refuses_bad_setting(
+    tmp_path: Path,
+    flag: str,
+    value: str,
+    expected: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A limit flag of 0, a negative or a non-number stops `serve` before it
-    opens anything, naming the flag, instead of a node that refuses every
-    request."""
+    """A limit flag of 0, a negative or a non-number, or a timeout flag that is
+    not a finite number above 0, stops `serve` before it opens anything,
+    naming the flag, instead of a node that refuses every request."""
     with pytest.raises(SystemExit) as exited:
-        main(["serve", "--data", str(tmp_path / "d"), "--requests-max", value])
+        main(["serve", "--data", str(tmp_path / "d"), flag, value])
     assert exited.value.code == 2
-    assert f"--requests-max: must be a whole number of 1 or more, found '{value}'" in (
-        capsys.readouterr().err
-    )
+    assert f"{flag}: {expected}, found '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
-def test_serve_refuses_limit_variable_below_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("CMDLOG_BODY_BYTES_MAX", _WHOLE_NUMBER),
+        ("CMDLOG_SHUTDOWN_TIMEOUT_S", _SECONDS),
+    ],
+)
+def test_serve_refuses_bad_setting_variable(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    expected: str,
 ) -> None:
-    """The same holds for the limit's CMDLOG_ variable."""
-    monkeypatch.setenv("CMDLOG_BODY_BYTES_MAX", "0")
+    """The same holds for the setting's CMDLOG_ variable."""
+    monkeypatch.setenv(variable, "0")
     assert main(["serve", "--data", str(tmp_path / "d")]) == 2
-    assert capsys.readouterr().err == (
-        "cmdlog: CMDLOG_BODY_BYTES_MAX must be a whole number of 1 or more, found '0'\n"
-    )
+    assert capsys.readouterr().err == f"cmdlog: {variable} {expected}, found '0'\n"
     assert not (tmp_path / "d").exists()
 
 

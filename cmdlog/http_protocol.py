@@ -1,0 +1,172 @@
+"""The HTTP/1.1 connection handler: aiohttp's, with parse errors as API errors.
+
+aiohttp's parser rejects some requests before any middleware runs: a
+malformed request line, a header line without a colon, an invalid
+Content-Length or chunk size, or a line over 8190 bytes (aiohttp 3.14's
+default limit). aiohttp responds to those with a text/plain page. The handler
+here responds with the API's `{"error": {"code", "message"}}` body instead,
+keeps aiohttp's status, and logs one `request_malformed` event in place of
+aiohttp's traceback.
+
+NOTE: a chunked body that turns invalid after a handler has started to read
+it gets no response. aiohttp queues the parse error behind that request, and
+the handler's body read waits until the client closes the connection or the
+node shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
+
+from cmdlog import wire
+from cmdlog.errors import MalformedRequest
+from cmdlog.http_api import error_body
+
+log = structlog.get_logger(__name__)
+
+REASON_CHARS_MAX = 300
+"""Maximum length of aiohttp's description of a parse error, which quotes the
+rejected bytes, in an error message."""
+
+_WELL_FORMED = (
+    "send a request line such as 'POST /commands HTTP/1.1', then one "
+    "'Name: value' line per header, each line ending in CRLF, and a body that "
+    "matches its Content-Length or its chunked Transfer-Encoding"
+)
+
+# The most specific class comes first, because LineTooLong, InvalidHeader and
+# the others all derive from aiohttp's BadHttpMessage.
+_PARSE_ERRORS: tuple[tuple[type[HttpProcessingError], str, str], ...] = (
+    (
+        LineTooLong,
+        "line_too_long",
+        "shorten the URL or the header line, or send the data in the body",
+    ),
+    (
+        BadStatusLine,
+        "malformed_request_line",
+        "start the request with a line such as 'POST /commands HTTP/1.1' that "
+        "ends in CRLF",
+    ),
+    (
+        InvalidURLError,
+        "invalid_url",
+        "send a path such as /commands, and percent-encode every character "
+        "that a URL cannot contain",
+    ),
+    (
+        InvalidHeader,
+        "invalid_header",
+        "correct the header quoted there, or leave it out",
+    ),
+)
+
+
+def parse_error(exc: HttpProcessingError) -> MalformedRequest:
+    """Return the API error for a request that aiohttp's parser rejected.
+
+    The message repeats aiohttp's description of the problem, which quotes
+    the rejected bytes, and adds the fix for that kind of problem.
+    """
+    code, fix = MalformedRequest.code, _WELL_FORMED
+    for error_type, error_code, error_fix in _PARSE_ERRORS:
+        if isinstance(exc, error_type):
+            code, fix = error_code, error_fix
+            break
+    error = MalformedRequest(
+        f"the request is not valid HTTP/1.1 ({_reason(exc)}), so nothing was "
+        f"recorded; {fix}"
+    )
+    error.code = code
+    return error
+
+
+def _reason(exc: HttpProcessingError) -> str:
+    """Join aiohttp's description into one line, without its caret line."""
+    lines = [line.strip() for line in exc.message.splitlines()]
+    text = " ".join(line for line in lines if line.strip("^"))
+    if len(text) > REASON_CHARS_MAX:
+        text = text[:REASON_CHARS_MAX] + "..."
+    return text or type(exc).__name__
+
+
+class RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, with parser rejections in the API's format.
+
+    NOTE: aiohttp has no public hook for the response to a request that its
+    parser rejects. This class relies on aiohttp (read in 3.14) calling
+    `handle_error` with the parser's `HttpProcessingError` for each such
+    request. If a release stops doing so, those responses are text/plain
+    again, and the raw-socket tests in tests/test_http_malformed.py fail.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Return the JSON error response for a request the parser rejected.
+
+        Any other error, such as a crash outside every middleware, keeps
+        aiohttp's own response.
+        """
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        error = parse_error(exc)
+        log.info(
+            "request_malformed",
+            status=status,
+            code=error.code,
+            remote=request.remote,
+            reason=_reason(exc),
+        )
+        response = web.Response(
+            body=wire.encode(error_body(error), wire.JSON),
+            status=status,
+            content_type=wire.JSON,
+        )
+        # Close the connection, because the parser cannot find where the next
+        # request starts.
+        response.force_close()
+        return response
+
+
+def handler_factory(
+    server: web.Server, *, idle_timeout_s: float
+) -> Callable[[], RequestHandler]:
+    """Return a protocol factory for `asyncio.loop.create_server`.
+
+    Each connection gets a `RequestHandler` that passes requests to
+    `server`'s application and registers with `server`, as the handlers that
+    `server` makes itself do, so `server.connections` and aiohttp's shutdown
+    include it. Call this in the event loop that will serve the connections.
+    """
+    loop = asyncio.get_running_loop()
+
+    def make_handler() -> RequestHandler:
+        # None turns aiohttp's access log off (cmdlog logs each request in a
+        # middleware). aiohttp accepts it, as AppRunner(access_log=None) shows,
+        # though the parameter is annotated as a Logger.
+        return RequestHandler(
+            server,
+            loop=loop,
+            keepalive_timeout=idle_timeout_s,
+            access_log=None,  # type: ignore[arg-type]
+        )
+
+    return make_handler

@@ -207,6 +207,14 @@ class Limits:
         self._body_readers.add(task)
         try:
             return await request.read()
+        except ConnectionResetError as exc:
+            # The client closed the connection partway through the body. No
+            # one reads this response, but the request log line and /metrics
+            # count it as a 400.
+            raise MalformedBody(
+                "the connection closed before the whole body arrived, so nothing "
+                "was recorded; send the request again"
+            ) from exc
         except asyncio.CancelledError:
             # uncancel() leaves a count above 0 when something else cancelled
             # the task too, and that cancellation must go on.

@@ -7,8 +7,12 @@ cases run against one node, which must keep serving after each of them.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import re
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,7 +22,7 @@ import pytest
 
 from tests.malformed_corpus import CASES, MalformedCase
 from tests.nodes import NodeProcess
-from tests.raw_http import raw_request, read_reply
+from tests.raw_http import command_head, raw_request, read_reply
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -243,3 +247,46 @@ async def test_unparsable_request_logged(corpus_node: NodeProcess) -> None:
     assert [line["event"] for line in lines] == ["request_malformed"], lines
     assert lines[0]["code"] == "malformed_request_line", lines
     assert "exception" not in lines[0], lines
+
+
+async def post_statuses(
+    session: aiohttp.ClientSession, node: NodeProcess
+) -> Counter[str]:
+    """Return the node's count of POST /commands requests by status."""
+    async with session.get(node.url + "/metrics") as response:
+        text = await response.text()
+    pattern = re.compile(
+        r'^cmdlog_http_requests_total\{method="POST",route="/commands",'
+        r'status="(\d+)"\} ([0-9.e+]+)$',
+        re.M,
+    )
+    return Counter(
+        {status: int(float(value)) for status, value in pattern.findall(text)}
+    )
+
+
+async def test_body_cut_short_counts_as_400(
+    corpus_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    """A client that closes its connection partway through a body gets a 400
+    request, not a crash, and records nothing."""
+    count = await command_count(session, corpus_node)
+    before = await post_statuses(session, corpus_node)
+    _reader, writer = await raw_request(
+        "127.0.0.1",
+        corpus_node.port,
+        command_head(corpus_node.port, f"cut-short-{uuid.uuid4()}", 1000)
+        + b'{"type": "ledger.op',
+    )
+    writer.close()
+    await writer.wait_closed()
+
+    after = before
+    for _ in range(50):
+        after = await post_statuses(session, corpus_node)
+        if after != before:
+            break
+        await asyncio.sleep(0.1)
+    assert after - before == Counter({"400": 1})
+    assert "request_crashed" not in corpus_node.log_text()
+    assert await command_count(session, corpus_node) == count

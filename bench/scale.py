@@ -52,6 +52,8 @@ from bench.lmdb_ceiling import (
     DATABASES,
     distinct_leaves_expected,
     measure_fsync,
+    measure_raw,
+    measure_raw_filled,
     store_flags,
     tree_stats,
 )
@@ -559,6 +561,39 @@ def measure_no_sync(
     return found
 
 
+def measure_raw_ceiling(root: Path, scale: Scale) -> dict[str, Any]:
+    """Time the same puts with py-lmdb alone, on an empty and a filled environment.
+
+    The puts are those cmdlog makes per command (see `bench.lmdb_ceiling`),
+    with no fold, digests or engine around them, so the runs show the time
+    per command that the stored commands add in LMDB and the disk alone.
+    One run of each, because the raw fill takes minutes.
+    """
+    progress(f"raw LMDB: append {scale.appended:,} commands to an empty environment")
+    empty = measure_raw(root / "raw-empty", commands=scale.appended, seed=SEED + 2_000)
+    shutil.rmtree(root / "raw-empty")
+    progress(
+        f"raw LMDB: fill {scale.stored:,} commands unsynced, then append "
+        f"{scale.appended:,}"
+    )
+    fill_s, filled = measure_raw_filled(
+        root / "raw-filled",
+        stored=scale.stored,
+        commands=scale.appended,
+        seed=SEED + 3_000,
+    )
+    file_bytes = (root / "raw-filled" / "data.mdb").stat().st_size
+    shutil.rmtree(root / "raw-filled")
+    progress(f"raw LMDB: empty {empty.rate:,.0f}, filled {filled.rate:,.0f} commands/s")
+    return {
+        "empty_rate": empty.rate,
+        "filled_rate": filled.rate,
+        "ratio": filled.rate / empty.rate,
+        "fill_s": fill_s,
+        "file_bytes": file_bytes,
+    }
+
+
 def run(*, quick: bool, stored: int | None = None) -> dict[str, Any]:
     """Fill a store, then measure the append rate on it and on empty stores.
 
@@ -592,6 +627,8 @@ def run(*, quick: bool, stored: int | None = None) -> dict[str, Any]:
             for index in range(scale.rounds)
         ]
         no_sync = measure_no_sync(root, filled_dir, scale, mdb_stat=mdb_stat)
+        shutil.rmtree(filled_dir)
+        raw = measure_raw_ceiling(root, scale)
         progress("fdatasync loop")
         fsync_per_s = measure_fsync(root)
     ratios = [found["ratio"] for found in rounds]
@@ -603,6 +640,7 @@ def run(*, quick: bool, stored: int | None = None) -> dict[str, Any]:
         "fill": filled,
         "rounds": rounds,
         "no_sync": no_sync,
+        "raw": raw,
         "fsync_per_s": fsync_per_s,
         "ratio_median": median(ratios),
         "met": median(ratios) >= TARGET_RATIO,
@@ -893,6 +931,63 @@ def render_fill(results: dict[str, Any]) -> str:
     )
 
 
+def render_raw(results: dict[str, Any]) -> str:
+    """Tabulate the raw LMDB runs at both sizes, or nothing for older results."""
+    raw = results.get("raw")
+    if raw is None:
+        return ""
+    stored = results["scale"]["stored"]
+    target = results["target_ratio"]
+    cmdlog_empty = median([_rate(run) for run in _runs(results, EMPTY)])
+    cmdlog_filled = median([_rate(run) for run in _runs(results, FILLED)])
+    raw_added_us = 1e6 / raw["filled_rate"] - 1e6 / raw["empty_rate"]
+
+    rows = [
+        [
+            "cmdlog, `Database.submit` (medians of the rounds)",
+            f"{cmdlog_empty:,.0f}",
+            f"{cmdlog_filled:,.0f}",
+            f"{cmdlog_filled / cmdlog_empty:.2f}",
+            f"{1e6 / cmdlog_filled - 1e6 / cmdlog_empty:,.1f}",
+        ],
+        [
+            "raw LMDB, the same puts (one run each)",
+            f"{raw['empty_rate']:,.0f}",
+            f"{raw['filled_rate']:,.0f}",
+            f"{raw['ratio']:.2f}",
+            f"{raw_added_us:,.1f}",
+        ],
+    ]
+    # With a fixed cost of `added` µs per command from the stored commands,
+    # filled / empty = t / (t + added) for an empty-store time of t µs, which
+    # reaches the target only when t >= added * target / (1 - target).
+    slowest_rate = 1e6 / (raw_added_us * target / (1 - target))
+
+    intro = (
+        "The same comparison for LMDB alone: the puts cmdlog makes per command "
+        "(see `bench/lmdb_ceiling.py`) written with py-lmdb, 1,000 commands per "
+        "synced commit, to an empty environment and to one filled with "
+        f"{stored:,} commands the same way (unsynced, then one sync: "
+        f"{raw['fill_s']:,.0f} s, {raw['file_bytes'] / 1e9:,.2f} GB). No fold, "
+        "digests or engine run, so the time the stored commands add to each "
+        "command there comes from LMDB and the disk alone."
+    )
+    outro = (
+        f"If any code on this store layout pays at least the raw "
+        f"{raw_added_us:,.1f} µs more per command once {stored:,} commands are "
+        f"stored, its filled / empty ratio reaches {target:.2f} only if it "
+        f"appends to an empty store at {slowest_rate:,.0f} commands/s or less."
+    )
+    headers = [
+        "commands/s",
+        "empty",
+        f"{stored:,} stored",
+        "stored / empty",
+        "µs added per command",
+    ]
+    return "\n".join([intro, "", table(headers, rows), "", outro, ""])
+
+
 def _us_per_command(run: dict[str, Any], seconds: float) -> float:
     return float(seconds / run["commands"] * 1e6)
 
@@ -975,6 +1070,7 @@ def render(results: dict[str, Any]) -> str:
             "",
             render_summary(results),
             "",
+            render_raw(results),
             "Where the time per command goes:",
             "",
             render_gap(results),

@@ -265,6 +265,12 @@ def _serve(args: argparse.Namespace) -> int:
                 defaults.shutdown_timeout_s,
                 _positive_seconds,
             ),
+            idle_timeout_s=_setting(
+                args.idle_timeout_s,
+                "IDLE_TIMEOUT_S",
+                defaults.idle_timeout_s,
+                _positive_seconds,
+            ),
         ),
         credentials=_credentials(args),
         advertise_url=advertise,
@@ -470,6 +476,13 @@ def _add_serve(commands: Any) -> None:
         help="seconds SIGTERM waits for running requests, their bodies included, "
         "before requests still waiting for a body get 503 and the node exits "
         "(CMDLOG_SHUTDOWN_TIMEOUT_S, default 10)",
+    )
+    serve.add_argument(
+        "--idle-timeout-s",
+        type=_positive_seconds,
+        default=None,
+        help="seconds a client connection may stay open without a request "
+        "before the node closes it (CMDLOG_IDLE_TIMEOUT_S, default 30)",
     )
     serve.set_defaults(run=_serve)
 

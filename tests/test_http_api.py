@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import re
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -898,6 +899,35 @@ async def test_idle_connections_make_room(
             writer.close()
     assert served.status == 200, served.body
     assert oldest == b""
+
+
+async def test_idle_timeout_closes_connections(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    """A connection that never sends a request, and one idle after its
+    response, are closed after --idle-timeout-s, not kept open."""
+    timeout_s = 1.0
+    node = node_factory(extra_args=("--idle-timeout-s", str(timeout_s)))
+    host, port = node.url.removeprefix("http://").split(":")
+    silent_reader, silent_writer = await asyncio.open_connection(host, int(port))
+    used_reader, used_writer = await asyncio.open_connection(host, int(port))
+    try:
+        used_writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await used_writer.drain()
+        opened_at = time.monotonic()
+        silent = await asyncio.wait_for(silent_reader.read(4096), timeout=10)
+        silent_open_s = time.monotonic() - opened_at
+        response = await asyncio.wait_for(used_reader.read(4096), timeout=10)
+        after_response = await asyncio.wait_for(used_reader.read(4096), timeout=10)
+        used_open_s = time.monotonic() - opened_at
+    finally:
+        silent_writer.close()
+        used_writer.close()
+    assert silent == b""
+    assert timeout_s * 0.5 < silent_open_s < timeout_s + 3
+    assert response.startswith(b"HTTP/1.1 200"), response[:100]
+    assert after_response == b""
+    assert used_open_s < timeout_s + 3
 
 
 # POST /commands: which error wins

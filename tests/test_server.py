@@ -117,6 +117,8 @@ BAD_SETTINGS = [
     ("--shutdown-timeout-s", "nan", _SECONDS),
     ("--shutdown-timeout-s", "inf", _SECONDS),
     ("--shutdown-timeout-s", "soon", _SECONDS),
+    ("--idle-timeout-s", "0", _SECONDS),
+    ("--idle-timeout-s", "inf", _SECONDS),
 ]
 
 
@@ -143,6 +145,7 @@ def test_serve_refuses_bad_setting(
     [
         ("CMDLOG_BODY_BYTES_MAX", _WHOLE_NUMBER),
         ("CMDLOG_SHUTDOWN_TIMEOUT_S", _SECONDS),
+        ("CMDLOG_IDLE_TIMEOUT_S", _SECONDS),
     ],
 )
 def test_serve_refuses_bad_setting_variable(

@@ -172,6 +172,7 @@ async def _stream(
     the reader goes away, or `slot` is ended."""
     database = node.database
     write_timeout_s = 2 * config.heartbeat_interval_s
+    loop = asyncio.get_running_loop()
     try:
         head = replication.log_head(database)
         start = epochs.resume_point(database.epochs, head, after, reader_epoch)
@@ -187,6 +188,7 @@ async def _stream(
             database, head, after=start, rewound=start < after
         )
         await _write(response, hello, write_timeout_s)
+        written_at = loop.time()
         cursor = start
         while not node.closing.is_set() and not slot.ended.is_set():
             wake = node.commit_signal.current()
@@ -207,16 +209,23 @@ async def _stream(
                 if reader is not None:
                     frame["through"] = through
                 await _write(response, frame, write_timeout_s)
+                written_at = loop.time()
                 metrics.count_stream_entries(
                     sent=len(entries), skipped=through - cursor - len(entries)
                 )
                 cursor = through
                 continue
+            # A commit that appends nothing (a retried write, a peer's
+            # cursor) wakes the stream too, so the next heartbeat is due one
+            # interval after the last write, not after the last wake.
             ended = (wake, node.closing, slot.ended)
-            if not await _wait_any(ended, config.heartbeat_interval_s):
-                await _write(
-                    response, {"t": frames.HEARTBEAT, "head": head}, write_timeout_s
-                )
+            wait_s = written_at + config.heartbeat_interval_s - loop.time()
+            if wait_s > 0 and await _wait_any(ended, wait_s):
+                continue
+            await _write(
+                response, {"t": frames.HEARTBEAT, "head": head}, write_timeout_s
+            )
+            written_at = loop.time()
         if slot.ended.is_set():
             log.info("stream_closed", reason="replaced", remote=remote)
     except (ConnectionError, TimeoutError) as exc:

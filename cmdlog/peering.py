@@ -11,7 +11,10 @@ queue; an ingester takes them off, folds up to `ingest_commands_max`
 commands per transaction and stores the cursor in that same transaction.
 Connection failures are retried with capped exponential backoff and
 jitter. A frame over the size limit, a corrupt frame, or a peer of another
-protocol version stops the puller with the cursor where it was.
+protocol version stops the puller with the cursor where it was. A peer that
+runs with a node ID another running process has (see `cmdlog.peers`) is
+rejected and tried again at the longest backoff, since the fix is made on
+the other side.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cmdlog.config import ReplicationConfig
 from cmdlog.engine import IngestReport
 from cmdlog.errors import (
     DataError,
+    DuplicateNodeId,
     InvalidArgument,
     Overloaded,
     VersionMismatch,
@@ -301,6 +305,9 @@ class Puller:
         self.peer = peer
         self.config = config
         self.stopped_by_error = False
+        self.streams_opened = 0
+        self._activity = asyncio.Event()
+        """An event set and replaced when a frame arrives or the stream ends."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -340,6 +347,17 @@ class Puller:
                 except (FrameError, VersionMismatch) as exc:
                     self._stop_on_error(exc.message)
                     return
+                except DuplicateNodeId as exc:
+                    # The fix is made at the peer, which is tried again at
+                    # the longest backoff.
+                    backoff_s = self.config.backoff_max_s
+                    self.peer.error = exc.message
+                    log.error(
+                        "duplicate_node_detected",
+                        peer=self.peer.url,
+                        error=self.peer.error,
+                        retry_in_s=round(backoff_s, 2),
+                    )
                 except PeerRefused as exc:
                     self.peer.error = str(exc)
                     log.warning(
@@ -359,8 +377,25 @@ class Puller:
                     )
                 finally:
                     self.peer.connected = False
+                    self._signal_activity()
                 await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
                 backoff_s = min(backoff_s * 2, self.config.backoff_max_s)
+
+    def _signal_activity(self) -> None:
+        self._activity.set()
+        self._activity = asyncio.Event()
+
+    async def sends_again(self, timeout_s: float) -> bool:
+        """Wait for the next frame of the current stream; return True if one
+        arrives within `timeout_s` and the stream is still open."""
+        stream = self.streams_opened
+        activity = self._activity
+        try:
+            async with asyncio.timeout(timeout_s):
+                await activity.wait()
+        except TimeoutError:
+            return False
+        return self.peer.connected and self.streams_opened == stream
 
     def _stop_on_error(self, error: str, unexpected: Exception | None = None) -> None:
         """Record why the puller stops; an `unexpected` error is logged with
@@ -396,6 +431,7 @@ class Puller:
                 if response.status == 400 and "version" in text:
                     raise VersionMismatch(f"{self.peer.url} refused the stream: {text}")
                 raise PeerRefused(self.peer.url, response.status, text)
+            self.streams_opened += 1
             reader = FrameReader(frame_bytes_max=self.config.frame_bytes_max)
             queue: asyncio.Queue[_Received | None] = asyncio.Queue(
                 self.config.queue_frames_max
@@ -439,6 +475,7 @@ class Puller:
         received_seq = self.peer.cursor
         async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
             for frame in reader.feed(chunk):
+                self._signal_activity()
                 if not hello_seen:
                     await self._accept_hello(frame)
                     received_seq = self.peer.cursor
@@ -463,13 +500,16 @@ class Puller:
 
     async def _accept_hello(self, hello: dict[str, Any]) -> None:
         cursor_before = self.peer.cursor
-        reset = replication.accept_hello(self.peer, hello, self_node=self.node.node_id)
-        other = self.node.peers.pulled_elsewhere(self.peer)
-        if other is not None:
-            raise FrameError(
-                f"{self.peer.url} reaches node {self.peer.node}, which this node "
-                f"already pulls from at {other}; remove one of the two URLs"
-            )
+        reset = replication.accept_hello(
+            self.peer,
+            hello,
+            self_node=self.node.node_id,
+            self_boot=self.node.database.boot,
+        )
+        await self.node.peers.check_pulled_once(self.peer)
+        # Nothing may await between the check and this line, so that when
+        # two hellos arrive together, the second check finds the first puller
+        # connected.
         self.peer.connected = True
         self.peer.error = None
         record = self.peer.to_record()

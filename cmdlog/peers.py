@@ -1,8 +1,11 @@
 """The peers of a node: the pullers it runs and the streams it serves.
 
 A node pulls from each configured or learned peer URL with one `Puller`, and
-makes sure it pulls each running node once. It serves each reader node one
-stream at a time, within a bounded number of stream slots.
+makes sure it pulls each running node once. It rejects a peer that runs
+with the node ID of this node or of another peer in another process, which
+is what a copied data directory started beside its original gives. It
+serves each reader node one stream at a time, within a bounded number of
+stream slots.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from typing import Any
 
 import structlog
 
+from cmdlog import replication
 from cmdlog.config import ReplicationConfig
+from cmdlog.errors import DuplicateNodeId
+from cmdlog.frames import FrameError
 from cmdlog.peering import Puller, StreamSlot, normalize_url
 from cmdlog.replication import PeerState
 
@@ -73,15 +79,72 @@ class Peers:
         puller.start()
         log.info("puller_started", peer=url, cursor=peer.cursor)
 
+    async def check_pulled_once(self, peer: PeerState) -> None:
+        """Raise if `peer`'s puller must not pull beside another puller of
+        `peer.node`.
+
+        Raises `DuplicateNodeId` if another puller reaches another process
+        with the same node ID and that process still sends frames: two live
+        processes with one node ID run on copies of one data directory. The
+        wait for that frame, up to the read idle timeout, keeps a stream to a
+        process that has just stopped, as in a restart, from counting.
+
+        Raises `FrameError` if `peer.url` is a second URL of a node this node
+        already pulls from and `peer`'s puller yields (see `pulled_elsewhere`).
+        """
+        waited: set[str] = set()
+        for _other_count in range(len(self.pullers)):
+            other = self._other_process(peer, skip=waited)
+            if other is None:
+                break
+            waited.add(other.peer.url)
+            if await other.sends_again(self.config.read_idle_timeout_s):
+                raise DuplicateNodeId(
+                    f"{peer.url} and {other.peer.url} both report node ID "
+                    f"{peer.node}, from two processes (boot {peer.boot} and "
+                    f"{other.peer.boot}), so one of them runs on a copy of the "
+                    f"other's data directory. {replication.NEW_NODE_ID_FIX}. "
+                    f"Until then this node pulls from {other.peer.url} only"
+                )
+        elsewhere = self.pulled_elsewhere(peer)
+        if elsewhere is not None:
+            raise FrameError(
+                f"{peer.url} reaches node {peer.node}, which this node "
+                f"already pulls from at {elsewhere}; remove one of the two URLs"
+            )
+
+    def _other_process(self, peer: PeerState, *, skip: set[str]) -> Puller | None:
+        """Return a connected puller, not of a URL in `skip`, whose peer has
+        `peer.node` as node ID but another boot; None if there is none."""
+        if peer.boot is None:
+            return None
+        for url, puller in self.pullers.items():
+            other = puller.peer
+            if url == peer.url or url in skip or not other.connected:
+                continue
+            if other.node == peer.node and other.boot not in (None, peer.boot):
+                return puller
+        return None
+
     def pulled_elsewhere(self, peer: PeerState) -> str | None:
         """Return the URL of another puller of `peer.node` that `peer`'s puller
         yields to, or None. A configured URL never yields; of two learned
-        ones, the greater URL yields."""
+        ones, the greater URL yields.
+
+        A puller whose last hello came from another process of that node ID
+        does not count. That process may be a copy, which `check_pulled_once`
+        rejects once both run, and not the same one at another URL.
+        """
         if peer.url in self.configured:
             return None
         for url, puller in self.pullers.items():
-            same_node = url != peer.url and puller.peer.node == peer.node
-            if same_node and (url in self.configured or url < peer.url):
+            other = puller.peer
+            same_node = url != peer.url and other.node == peer.node
+            other_process = None not in (other.boot, peer.boot) and (
+                other.boot != peer.boot
+            )
+            yields = url in self.configured or url < peer.url
+            if same_node and not other_process and yields:
                 return url
         return None
 

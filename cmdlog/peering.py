@@ -131,7 +131,7 @@ async def serve_stream(
         after = 0
     announce = request.query.get("announce")
     announced = normalize_url(announce) if announce else None
-    slot = node.peers.take_stream_slot(None if reader is None else reader.node)
+    slot = node.peers.take_stream_slot(reader, remote=request.remote)
     if slot is None:
         raise Overloaded(
             f"this node already serves {config.streams_max} replication streams; "
@@ -607,8 +607,10 @@ async def _put_or_fail(
 
 @dataclass(eq=False)
 class StreamSlot:
-    """One stream this node serves, and the reader node it named, if any."""
+    """One stream this node serves, and the reader it named, if any."""
 
-    reader: str | None
+    reader: replication.Reader | None
+    remote: str | None = None
+    """The reader's address, for messages."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set to end the stream: its reader opened a new one, or another took it."""

@@ -1,11 +1,10 @@
 """The peers of a node: the pullers it runs and the streams it serves.
 
 A node pulls from each configured or learned peer URL with one `Puller`, and
-makes sure it pulls each running node once. It rejects a peer that runs
-with the node ID of this node or of another peer in another process, which
-is what a copied data directory started beside its original gives. It
-serves each reader node one stream at a time, within a bounded number of
-stream slots.
+makes sure it pulls each running node once. It serves each reader node one
+stream at a time, within a bounded number of stream slots. Both ends
+reject two running processes with one node ID, which is what a copied data
+directory started beside its original gives.
 """
 
 from __future__ import annotations
@@ -33,32 +32,75 @@ class Peers:
         self.pullers: dict[str, Puller] = {}
         self.configured: set[str] = set()
         self.stream_slots: list[StreamSlot] = []
+        self.replaced_readers: dict[tuple[str, str], None] = {}
+        """Reader processes, as `(node, boot)`, whose streams were ended for
+        another process with the same node ID; the oldest first, at most
+        `streams_max`."""
 
     @property
     def streams(self) -> int:
         return len(self.stream_slots)
 
-    def take_stream_slot(self, reader: str | None) -> StreamSlot | None:
+    def take_stream_slot(
+        self, reader: replication.Reader | None, *, remote: str | None = None
+    ) -> StreamSlot | None:
         """Return a slot for a new stream to `reader`, or None if all are taken.
 
-        A reader's earlier streams are ended, because it opens a new one only
-        after giving up on them, and the node would notice only at a later
-        write. At the limit, a named reader ends the oldest stream of an
-        unnamed one, since every peer's puller names its node.
+        A reader node's earlier streams are ended, because it opens a new one
+        only after giving up on them (or after a restart), and the node would
+        notice only at a later write. At the limit, a named reader ends the
+        oldest stream of an unnamed one, since every peer's puller names its
+        node.
+
+        Raises `DuplicateNodeId` when a reader process whose streams were
+        ended for another process of the same node ID comes back while that
+        one still reads: a stopped process never comes back, so both run, on
+        copies of one data directory.
         """
         if reader is not None:
+            self._check_reader_alone(reader, remote)
             for slot in self.stream_slots:
-                if slot.reader == reader:
-                    slot.ended.set()
+                if slot.reader is None or slot.reader.node != reader.node:
+                    continue
+                if slot.reader.boot != reader.boot:
+                    self._note_replaced(slot.reader)
+                slot.ended.set()
         active = [slot for slot in self.stream_slots if not slot.ended.is_set()]
         if len(active) >= self.config.streams_max:
             unnamed = next((slot for slot in active if slot.reader is None), None)
             if reader is None or unnamed is None:
                 return None
             unnamed.ended.set()
-        slot = StreamSlot(reader)
+        slot = StreamSlot(reader, remote)
         self.stream_slots.append(slot)
         return slot
+
+    def _check_reader_alone(
+        self, reader: replication.Reader, remote: str | None
+    ) -> None:
+        """Raise `DuplicateNodeId` if `reader` was replaced by another process
+        of its node ID that still reads."""
+        if reader.names not in self.replaced_readers:
+            return
+        for slot in self.stream_slots:
+            other = slot.reader
+            if slot.ended.is_set() or other is None or other.node != reader.node:
+                continue
+            if other.boot == reader.boot:
+                continue
+            raise DuplicateNodeId(
+                f"another process with node ID {reader.node} (boot {other.boot}, "
+                f"from {slot.remote}) already reads the log of node "
+                f"{self.node.node_id}, so it and the reader of boot {reader.boot} "
+                f"(from {remote}) run on copies of one data directory. "
+                f"{replication.NEW_NODE_ID_FIX}"
+            )
+
+    def _note_replaced(self, reader: replication.Reader) -> None:
+        self.replaced_readers.pop(reader.names, None)
+        self.replaced_readers[reader.names] = None
+        while len(self.replaced_readers) > self.config.streams_max:
+            del self.replaced_readers[next(iter(self.replaced_readers))]
 
     def release_stream_slot(self, slot: StreamSlot) -> None:
         self.stream_slots.remove(slot)

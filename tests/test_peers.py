@@ -158,6 +158,40 @@ async def test_third_node_rejects_second_copy(
 
 
 @pytest.mark.slow
+async def test_node_serving_two_copies_rejects_one(
+    node_factory: Factory, tmp_path: Path
+) -> None:
+    """A node that two copies pull from rejects the stream of the one it
+    served first when that one comes back, with a 409 naming both processes."""
+    hub = node_factory("hub")
+    original = node_factory("original")
+    async with restart_safe_session() as session:
+        await open_account(session, original.url, "shared")
+        original.peers = (hub.url,)
+        copy = start_copy(node_factory, tmp_path, original, peers=(hub.url,))
+        hub_id = (await status(session, hub.url))["node"]
+        node_id = (await status(session, original.url))["node"]
+
+        expected = (
+            f"refused the stream with 409: another process with node ID {node_id}"
+        )
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        errors: list[str] = []
+        while time.monotonic() < deadline and not errors:
+            for url in (original.url, copy.url):
+                peers = {p["url"]: p for p in (await status(session, url))["peers"]}
+                error = peers.get(hub.url, {}).get("error") or ""
+                if expected in error:
+                    errors.append(error)
+            await asyncio.sleep(0.1)
+
+    assert errors
+    for error in errors:
+        assert f"already reads the log of node {hub_id}" in error
+        assert FIX in error
+
+
+@pytest.mark.slow
 async def test_regenerated_copy_rejoins(node_factory: Factory, tmp_path: Path) -> None:
     """A copy given a new identity with `cmdlog identity --regenerate` and
     started again is pulled from again, and every command reaches both nodes."""

@@ -547,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="With the node stopped: print the node ID and log instance "
         "stored in its data directory, or with --regenerate replace both with "
         "new random ones. A copy of a data directory (a disk or VM clone, a "
-        "backup restored on a second machine) has the node ID of its original; "
-        "give it new ones before it runs beside the original. Its commands "
+        "backup restored on a second machine) has the node ID of its original, "
+        "so give it new ones before it runs beside the original. Its commands "
         "keep their origin, and its peers read its log again from the start, "
         "so they get every command it stores.",
     )

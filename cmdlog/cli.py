@@ -1,4 +1,4 @@
-"""The `cmdlog` command line: serve, replay, status, submit and demo."""
+"""The `cmdlog` command line: serve, replay, status, demo and node tools."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cmdlog.app import App
 from cmdlog.errors import CmdlogError, StartupError
+
+if TYPE_CHECKING:
+    from cmdlog.store import Store
 
 DEFAULT_APP = "cmdlog.apps.example:app"
 _Value = TypeVar("_Value", int, float)
@@ -64,17 +67,29 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report.matches else 1
 
 
-def _peers(args: argparse.Namespace) -> int:
+def _open_stopped_node(data_dir: str) -> Store:
+    """Open the existing data directory of a stopped node for writing.
+
+    Raises `StartupError` if it holds no cmdlog data, or if a running
+    process holds its lock.
+    """
     from pathlib import Path
 
-    from cmdlog.peering import normalize_url
     from cmdlog.store import Store, require_store
 
-    # Store would create a missing directory; peers only edits existing ones.
-    require_store(Path(args.data))
+    # Store would create a missing directory; these commands only edit
+    # existing ones.
+    require_store(Path(data_dir))
     # A writable store takes the directory's lock, so this fails with an
-    # error next to a live node, whose pullers would write the record back.
-    store = Store(args.data, [])
+    # error next to a live node: it would keep the node ID it read at its
+    # start and write its peer records back.
+    return Store(data_dir, [])
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from cmdlog.peering import normalize_url
+
+    store = _open_stopped_node(args.data)
     try:
         with store.read() as txn:
             stored = txn.peers()
@@ -101,6 +116,26 @@ def _peers(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from cmdlog.database import new_identity
+
+    store = _open_stopped_node(args.data)
+    try:
+        with store.read() as txn:
+            node_id = txn.meta_get("node_id") or "-"
+            log_instance = txn.meta_get("log_instance") or "-"
+        if not args.regenerate:
+            print(f"node ID       {node_id}")
+            print(f"log instance  {log_instance}")
+            return 0
+        new_node_id, new_log_instance = store.write(new_identity)
+    finally:
+        store.close()
+    print(f"node ID       {node_id} -> {new_node_id}")
+    print(f"log instance  {log_instance} -> {new_log_instance}")
+    return 0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -558,6 +593,25 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--data", required=True, help="the node's data directory")
     peers.add_argument("--forget", metavar="URL", help="the peer URL to remove")
     peers.set_defaults(run=_peers)
+
+    identity = commands.add_parser(
+        "identity",
+        help="show a stopped node's node ID and log instance, or give it new ones",
+        description="With the node stopped: print the node ID and log instance "
+        "stored in its data directory, or with --regenerate replace both with "
+        "new random ones. A copy of a data directory (a disk or VM clone, a "
+        "backup restored on a second machine) has the node ID of its original, "
+        "so give it new ones before it runs beside the original. Its commands "
+        "keep their origin, and its peers read its log again from the start, "
+        "so they get every command it stores.",
+    )
+    identity.add_argument("--data", required=True, help="the node's data directory")
+    identity.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="replace the node ID and log instance with new random ones",
+    )
+    identity.set_defaults(run=_identity)
 
     status = commands.add_parser(
         "status", help="show a readable view of a node's /status"

@@ -27,7 +27,23 @@ from cmdlog.store import Store, Txn
 log = structlog.get_logger(__name__)
 
 NODE_ID_BYTES = 8
+LOG_INSTANCE_BYTES = 16
 BOOT_BYTES = 8
+
+
+def new_identity(txn: Txn) -> tuple[str, str]:
+    """Store a new random node ID and log instance; return both.
+
+    A node gets them when its data directory is created. A copy of a data
+    directory needs new ones before it runs beside its original, because
+    peers take a node ID to name one running node and a log instance to name
+    one log. The commands stored keep their origin.
+    """
+    node_id = secrets.token_hex(NODE_ID_BYTES)
+    log_instance = secrets.token_hex(LOG_INSTANCE_BYTES)
+    txn.meta_put("node_id", node_id)
+    txn.meta_put("log_instance", log_instance)
+    return node_id, log_instance
 
 
 class _QueryState:
@@ -107,9 +123,7 @@ class Database:
     def _identity(self, txn: Txn) -> dict[str, Any]:
         node_id = txn.meta_get("node_id")
         if node_id is None:
-            node_id = secrets.token_hex(NODE_ID_BYTES)
-            txn.meta_put("node_id", node_id)
-            txn.meta_put("log_instance", secrets.token_hex(16))
+            node_id, _log_instance = new_identity(txn)
         log_epochs = epochs.begin(
             txn.meta_get("epochs", []), txn.log_last_seq() + 1, self.boot
         )

@@ -171,6 +171,14 @@ class VersionMismatch(DataError):
     code = "version_mismatch"
 
 
+class DuplicateNodeId(CmdlogError):
+    """Two running processes have one node ID, so one of them runs on a copy
+    of the other's data directory."""
+
+    code = "duplicate_node_id"
+    status = 409
+
+
 class StartupError(CmdlogError):
     """The node cannot start with this configuration or data directory."""
 

@@ -29,7 +29,8 @@ from cmdlog.database import Database
 from cmdlog.engine import Accepted, Status, Submission
 from cmdlog.errors import KeyReused
 from cmdlog.model import Command, Outcome
-from cmdlog.peering import CommitSignal, Peers
+from cmdlog.peering import CommitSignal
+from cmdlog.peers import Peers
 from cmdlog.writer import Writer
 
 log = structlog.get_logger(__name__)

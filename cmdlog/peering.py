@@ -11,7 +11,10 @@ queue; an ingester takes them off, folds up to `ingest_commands_max`
 commands per transaction and stores the cursor in that same transaction.
 Connection failures are retried with capped exponential backoff and
 jitter. A frame over the size limit, a corrupt frame, or a peer of another
-protocol version stops the puller with the cursor where it was.
+protocol version stops the puller with the cursor where it was. A peer that
+runs with a node ID another running process has (see `cmdlog.peers`) is
+rejected and tried again at the longest backoff, since the fix is made on
+the other side.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cmdlog.config import ReplicationConfig
 from cmdlog.engine import IngestReport
 from cmdlog.errors import (
     DataError,
+    DuplicateNodeId,
     InvalidArgument,
     Overloaded,
     VersionMismatch,
@@ -127,7 +131,7 @@ async def serve_stream(
         after = 0
     announce = request.query.get("announce")
     announced = normalize_url(announce) if announce else None
-    slot = node.peers.take_stream_slot(None if reader is None else reader.node)
+    slot = node.peers.take_stream_slot(reader, remote=request.remote)
     if slot is None:
         raise Overloaded(
             f"this node already serves {config.streams_max} replication streams; "
@@ -172,6 +176,7 @@ async def _stream(
     the reader goes away, or `slot` is ended."""
     database = node.database
     write_timeout_s = 2 * config.heartbeat_interval_s
+    loop = asyncio.get_running_loop()
     try:
         head = replication.log_head(database)
         start = epochs.resume_point(database.epochs, head, after, reader_epoch)
@@ -187,6 +192,7 @@ async def _stream(
             database, head, after=start, rewound=start < after
         )
         await _write(response, hello, write_timeout_s)
+        written_at = loop.time()
         cursor = start
         while not node.closing.is_set() and not slot.ended.is_set():
             wake = node.commit_signal.current()
@@ -207,16 +213,23 @@ async def _stream(
                 if reader is not None:
                     frame["through"] = through
                 await _write(response, frame, write_timeout_s)
+                written_at = loop.time()
                 metrics.count_stream_entries(
                     sent=len(entries), skipped=through - cursor - len(entries)
                 )
                 cursor = through
                 continue
+            # A commit that appends nothing (a retried write, a peer's
+            # cursor) wakes the stream too, so the next heartbeat is due one
+            # interval after the last write, not after the last wake.
             ended = (wake, node.closing, slot.ended)
-            if not await _wait_any(ended, config.heartbeat_interval_s):
-                await _write(
-                    response, {"t": frames.HEARTBEAT, "head": head}, write_timeout_s
-                )
+            wait_s = written_at + config.heartbeat_interval_s - loop.time()
+            if wait_s > 0 and await _wait_any(ended, wait_s):
+                continue
+            await _write(
+                response, {"t": frames.HEARTBEAT, "head": head}, write_timeout_s
+            )
+            written_at = loop.time()
         if slot.ended.is_set():
             log.info("stream_closed", reason="replaced", remote=remote)
     except (ConnectionError, TimeoutError) as exc:
@@ -292,6 +305,9 @@ class Puller:
         self.peer = peer
         self.config = config
         self.stopped_by_error = False
+        self.streams_opened = 0
+        self._activity = asyncio.Event()
+        """An event set and replaced when a frame arrives or the stream ends."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -331,6 +347,17 @@ class Puller:
                 except (FrameError, VersionMismatch) as exc:
                     self._stop_on_error(exc.message)
                     return
+                except DuplicateNodeId as exc:
+                    # The fix is made at the peer, which is tried again at
+                    # the longest backoff.
+                    backoff_s = self.config.backoff_max_s
+                    self.peer.error = exc.message
+                    log.error(
+                        "duplicate_node_detected",
+                        peer=self.peer.url,
+                        error=self.peer.error,
+                        retry_in_s=round(backoff_s, 2),
+                    )
                 except PeerRefused as exc:
                     self.peer.error = str(exc)
                     log.warning(
@@ -350,8 +377,25 @@ class Puller:
                     )
                 finally:
                     self.peer.connected = False
+                    self._signal_activity()
                 await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
                 backoff_s = min(backoff_s * 2, self.config.backoff_max_s)
+
+    def _signal_activity(self) -> None:
+        self._activity.set()
+        self._activity = asyncio.Event()
+
+    async def sends_again(self, timeout_s: float) -> bool:
+        """Wait for the next frame of the current stream; return True if one
+        arrives within `timeout_s` and the stream is still open."""
+        stream = self.streams_opened
+        activity = self._activity
+        try:
+            async with asyncio.timeout(timeout_s):
+                await activity.wait()
+        except TimeoutError:
+            return False
+        return self.peer.connected and self.streams_opened == stream
 
     def _stop_on_error(self, error: str, unexpected: Exception | None = None) -> None:
         """Record why the puller stops; an `unexpected` error is logged with
@@ -387,6 +431,7 @@ class Puller:
                 if response.status == 400 and "version" in text:
                     raise VersionMismatch(f"{self.peer.url} refused the stream: {text}")
                 raise PeerRefused(self.peer.url, response.status, text)
+            self.streams_opened += 1
             reader = FrameReader(frame_bytes_max=self.config.frame_bytes_max)
             queue: asyncio.Queue[_Received | None] = asyncio.Queue(
                 self.config.queue_frames_max
@@ -430,6 +475,7 @@ class Puller:
         received_seq = self.peer.cursor
         async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
             for frame in reader.feed(chunk):
+                self._signal_activity()
                 if not hello_seen:
                     await self._accept_hello(frame)
                     received_seq = self.peer.cursor
@@ -454,13 +500,16 @@ class Puller:
 
     async def _accept_hello(self, hello: dict[str, Any]) -> None:
         cursor_before = self.peer.cursor
-        reset = replication.accept_hello(self.peer, hello, self_node=self.node.node_id)
-        other = self.node.peers.pulled_elsewhere(self.peer)
-        if other is not None:
-            raise FrameError(
-                f"{self.peer.url} reaches node {self.peer.node}, which this node "
-                f"already pulls from at {other}; remove one of the two URLs"
-            )
+        reset = replication.accept_hello(
+            self.peer,
+            hello,
+            self_node=self.node.node_id,
+            self_boot=self.node.database.boot,
+        )
+        await self.node.peers.check_pulled_once(self.peer)
+        # Nothing may await between the check and this line, so that when
+        # two hellos arrive together, the second check finds the first puller
+        # connected.
         self.peer.connected = True
         self.peer.error = None
         record = self.peer.to_record()
@@ -558,103 +607,10 @@ async def _put_or_fail(
 
 @dataclass(eq=False)
 class StreamSlot:
-    """One stream this node serves, and the reader node it named, if any."""
+    """One stream this node serves, and the reader it named, if any."""
 
-    reader: str | None
+    reader: replication.Reader | None
+    remote: str | None = None
+    """The reader's address, for messages."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set to end the stream: its reader opened a new one, or another took it."""
-
-
-class Peers:
-    """The pullers of one node: configured peers, and peers learned at runtime."""
-
-    def __init__(self, node: Any, config: ReplicationConfig) -> None:
-        self.node = node
-        self.config = config
-        self.pullers: dict[str, Puller] = {}
-        self.configured: set[str] = set()
-        self.stream_slots: list[StreamSlot] = []
-
-    @property
-    def streams(self) -> int:
-        return len(self.stream_slots)
-
-    def take_stream_slot(self, reader: str | None) -> StreamSlot | None:
-        """Return a slot for a new stream to `reader`, or None if all are taken.
-
-        A reader's earlier streams are ended, because it opens a new one only
-        after giving up on them, and the node would notice only at a later
-        write. At the limit, a named reader ends the oldest stream of an
-        unnamed one, since every peer's puller names its node.
-        """
-        if reader is not None:
-            for slot in self.stream_slots:
-                if slot.reader == reader:
-                    slot.ended.set()
-        active = [slot for slot in self.stream_slots if not slot.ended.is_set()]
-        if len(active) >= self.config.streams_max:
-            unnamed = next((slot for slot in active if slot.reader is None), None)
-            if reader is None or unnamed is None:
-                return None
-            unnamed.ended.set()
-        slot = StreamSlot(reader)
-        self.stream_slots.append(slot)
-        return slot
-
-    def release_stream_slot(self, slot: StreamSlot) -> None:
-        self.stream_slots.remove(slot)
-
-    async def start(self, configured: list[str]) -> None:
-        self.configured = {normalize_url(url) for url in configured}
-        with self.node.database.store.read() as txn:
-            stored = txn.peers()
-        for url in [*configured, *stored]:
-            url = normalize_url(url)
-            if url not in self.pullers:
-                self._start_puller(url, stored.get(url))
-
-    def _start_puller(self, url: str, record: dict[str, Any] | None) -> None:
-        peer = PeerState.from_record(url, record)
-        puller = Puller(self.node, peer, self.config)
-        self.pullers[url] = puller
-        puller.start()
-        log.info("puller_started", peer=url, cursor=peer.cursor)
-
-    def pulled_elsewhere(self, peer: PeerState) -> str | None:
-        """Return the URL of another puller of `peer.node` that `peer`'s puller
-        yields to, or None. A configured URL never yields; of two learned
-        ones, the greater URL yields."""
-        if peer.url in self.configured:
-            return None
-        for url, puller in self.pullers.items():
-            same_node = url != peer.url and puller.peer.node == peer.node
-            if same_node and (url in self.configured or url < peer.url):
-                return url
-        return None
-
-    async def learn(self, url: str) -> None:
-        """Start pulling from a peer that announced itself, and remember it,
-        unless this node already learned `learned_peers_max` peers."""
-        if url in self.pullers or url == self.node.advertise_url:
-            return
-        learned = len(self.pullers) - len(self.configured)
-        if learned >= self.config.learned_peers_max:
-            log.warning(
-                "peer_not_learned",
-                peer=url,
-                learned=learned,
-                hint="forget unused peers with 'cmdlog peers --forget', or add "
-                "this one with --peer",
-            )
-            return
-        record = PeerState(url).to_record()
-        await self.node.writer.run(lambda txn: txn.peer_put(url, record))
-        log.info("peer_learned", peer=url)
-        self._start_puller(url, None)
-
-    async def stop(self) -> None:
-        for puller in self.pullers.values():
-            await puller.stop()
-
-    def states(self) -> list[PeerState]:
-        return [puller.peer for puller in self.pullers.values()]

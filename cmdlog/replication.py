@@ -21,7 +21,7 @@ from typing import Any
 
 from cmdlog import codec, epochs, frames
 from cmdlog.database import Database
-from cmdlog.errors import MalformedBody, VersionMismatch
+from cmdlog.errors import DuplicateNodeId, MalformedBody, VersionMismatch
 from cmdlog.frames import FrameError
 from cmdlog.model import KEY_CHARS_MAX, Command
 
@@ -37,6 +37,13 @@ _valid_origins: set[str] = set()
 
 
 BOOT_PATTERN = re.compile(r"[0-9a-f]{1,64}")
+
+NEW_NODE_ID_FIX = (
+    "Stop one of the two, give its data directory a new node ID with "
+    "'cmdlog identity --data DIR --regenerate', and start it again"
+)
+"""The fix for two processes with one node ID. The command keeps every
+command of that directory, and peers read its log again from the start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,15 +210,19 @@ class PeerState:
         }
 
 
-def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> bool:
+def accept_hello(
+    peer: PeerState, hello: dict[str, Any], *, self_node: str, self_boot: str
+) -> bool:
     """Apply a stream's hello to `peer`; return True if the cursor went back.
 
     The cursor goes back to 0 for a replaced log, and to the end of the part
     that still matches for a log restored from a backup.
 
     Raises `VersionMismatch` for another protocol version and `FrameError`
-    for a malformed hello. A hello from this very node (a peer URL that
-    points back at us) is a `FrameError` too, so the puller stops.
+    for a malformed hello. A hello from this very process (a peer URL that
+    points back at us) is a `FrameError` too, so the puller stops. A hello
+    with this node's ID from another process raises `DuplicateNodeId`: the
+    data directory was copied and both copies run.
     """
     if hello.get("t") != frames.HELLO:
         raise FrameError(f"expected a hello frame first, found {hello.get('t')!r}")
@@ -221,6 +232,15 @@ def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> b
         raise FrameError(f"hello has an invalid node ID {node!r}")
     if type(instance) is not str or type(head) is not int:
         raise FrameError("hello lacks a string 'instance' or an integer 'head'")
+    boot = hello.get("boot")
+    if type(boot) is not str or not BOOT_PATTERN.fullmatch(boot):
+        boot = None  # as from a release whose hello has no boot
+    if node == self_node and boot is not None and boot != self_boot:
+        raise DuplicateNodeId(
+            f"{peer.url} runs with this node's ID {node} in another process "
+            f"(boot {boot} there, {self_boot} here), so one of the two data "
+            f"directories is a copy of the other. {NEW_NODE_ID_FIX}"
+        )
     if node == self_node:
         raise FrameError(f"{peer.url} is this node itself; remove it from --peer")
     types = hello.get("types")
@@ -243,8 +263,7 @@ def accept_hello(peer: PeerState, hello: dict[str, Any], *, self_node: str) -> b
         )
     peer.node, peer.instance, peer.head = node, instance, head
     peer.epoch = parse_epoch(hello.get("epoch")) or peer.epoch
-    boot = hello.get("boot")
-    peer.boot = boot if type(boot) is str and BOOT_PATTERN.fullmatch(boot) else None
+    peer.boot = boot
     return reset or rewound
 
 

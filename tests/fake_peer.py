@@ -16,19 +16,25 @@ FAKE_INSTANCE = "fake-instance"
 
 
 def hello(
-    *, head: int, after: int = 0, version: int = frames.PROTOCOL_VERSION
+    *,
+    head: int,
+    after: int = 0,
+    version: int = frames.PROTOCOL_VERSION,
+    boot: str | None = None,
 ) -> bytes:
-    return encode_frame(
-        {
-            "t": frames.HELLO,
-            "version": version,
-            "node": FAKE_NODE,
-            "instance": FAKE_INSTANCE,
-            "head": head,
-            "after": after,
-            "types": [],
-        }
-    )
+    """Return a hello frame of the fake node; with `boot`, it names its process."""
+    body: dict[str, Any] = {
+        "t": frames.HELLO,
+        "version": version,
+        "node": FAKE_NODE,
+        "instance": FAKE_INSTANCE,
+        "head": head,
+        "after": after,
+        "types": [],
+    }
+    if boot is not None:
+        body["boot"] = boot
+    return encode_frame(body)
 
 
 def commands(entries: list[tuple[int, list[Any]]], head: int) -> bytes:

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from cmdlog import codec, frames, replication
 from cmdlog.apps.example import app as example_app
 from cmdlog.config import ReplicationConfig
-from cmdlog.errors import VersionMismatch
+from cmdlog.errors import DuplicateNodeId, VersionMismatch
 from cmdlog.frames import FrameError, FrameReader, StreamTruncated, encode_frame
 from cmdlog.model import Command
 from cmdlog.replication import PeerState
@@ -47,6 +47,8 @@ OBSERVE_S = 1.0
 retry would come after 0.05 to 0.1 s (half to all of the initial backoff)."""
 SELF_NODE = "5e1f"
 """Node ID of the puller in the in-process tests."""
+SELF_BOOT = "b007"
+"""Boot of the puller's process in the in-process tests."""
 PEER_URL = "http://127.0.0.1:9"
 """URL of the peer in the in-process tests. Nothing connects to it."""
 STAMP = 1 << 16
@@ -435,7 +437,8 @@ def test_parse_entries_any_frame(
 HELLO_FIELDS = {
     "t": st.just(frames.HELLO),
     "version": st.just(frames.PROTOCOL_VERSION),
-    "node": st.from_regex(r"\A[0-9a-f]{1,16}\Z"),
+    "node": st.from_regex(r"\A[0-9a-f]{1,16}\Z") | st.just(SELF_NODE),
+    "boot": st.just(SELF_BOOT) | st.from_regex(r"\A[0-9a-f]{1,16}\Z"),
     "instance": st.text(max_size=8),
     "head": st.integers(0, 10),
     "after": st.just("CURSOR") | st.integers(0, 10),
@@ -474,7 +477,15 @@ def test_accept_hello_any_hello(
     peer = PeerState(PEER_URL, instance=instance, cursor=cursor)
 
     try:
-        reset = replication.accept_hello(peer, hello_frame, self_node=SELF_NODE)
+        reset = replication.accept_hello(
+            peer, hello_frame, self_node=SELF_NODE, self_boot=SELF_BOOT
+        )
+    except DuplicateNodeId:
+        event("DuplicateNodeId")
+        assert hello_frame.get("node") == SELF_NODE
+        assert hello_frame.get("boot") != SELF_BOOT
+        assert peer == PeerState(PEER_URL, instance=instance, cursor=cursor)
+        return
     except (FrameError, VersionMismatch) as exc:
         event(type(exc).__name__)
         assert peer.cursor <= cursor
@@ -542,7 +553,8 @@ def pulled_streams(draw: st.DrawFn) -> tuple[bytes, int]:
 def read_like_puller(stream: bytes, cuts: list[int], cursor: int) -> int:
     """Decode `stream` as the puller does and return the last sequence accepted.
 
-    Raises only FrameError, StreamTruncated or VersionMismatch.
+    Raises only FrameError, StreamTruncated, VersionMismatch or
+    DuplicateNodeId.
     """
     reader = FrameReader(frame_bytes_max=FRAME_BYTES_MAX)
     peer = PeerState(PEER_URL, cursor=cursor)
@@ -552,7 +564,9 @@ def read_like_puller(stream: bytes, cuts: list[int], cursor: int) -> int:
     for start, end in itertools.pairwise(bounds):
         for frame in reader.feed(stream[start:end]):
             if not hello_seen:
-                replication.accept_hello(peer, frame, self_node=SELF_NODE)
+                replication.accept_hello(
+                    peer, frame, self_node=SELF_NODE, self_boot=SELF_BOOT
+                )
                 received_seq = peer.cursor
                 hello_seen = True
             elif frame["t"] == frames.COMMANDS:
@@ -582,7 +596,7 @@ def test_puller_decoding_thorough(
 
     try:
         last_seq = read_like_puller(stream, cuts, cursor)
-    except (FrameError, StreamTruncated, VersionMismatch) as exc:
+    except (FrameError, StreamTruncated, VersionMismatch, DuplicateNodeId) as exc:
         event(f"ended by {type(exc).__name__}")
         return
 

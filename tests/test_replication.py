@@ -360,6 +360,9 @@ async def test_restored_node_gets_lost_copies_back(
     assert restored == len(ACCOUNTS) * 2 + 50
     assert final[0]["commands"] == states[0]["commands"]
     assert final[0]["digest"] == states[0]["digest"]
+    # The restored process is the only one with its node ID.
+    assert "duplicate_node" not in source.log_text()
+    assert "duplicate_node" not in follower.log_text()
 
 
 @pytest.mark.slow
@@ -400,3 +403,5 @@ async def test_restored_node_new_writes_reach_readers(
     assert final[1]["commands"] == len(ACCOUNTS) * 2 + 130
     assert final[0]["digest"] == final[1]["digest"]
     assert fresh_on_follower == [(200, "applied")] * 60
+    assert "duplicate_node" not in source.log_text()
+    assert "duplicate_node" not in follower.log_text()

@@ -187,3 +187,37 @@ async def test_stream_slots_go_to_named_readers(node: NodeProcess) -> None:
     assert oldest_closed
     assert second_head == b"HTTP/1.1 200 OK"
     assert first_closed
+
+
+@pytest.mark.slow
+async def test_heartbeats_while_commits_append_nothing(node: NodeProcess) -> None:
+    """A stream sends a heartbeat every second while commits that append
+    nothing, here retried writes, keep waking it."""
+    command = ("open", "ledger.open", {"account": "a", "currency": "EUR"})
+    reader = FrameReader(frame_bytes_max=8 << 20)
+    kinds: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        code, _ = await post_command(session, node.url, *command)
+        assert code == 201
+
+        async def retry_for(duration_s: float) -> None:
+            deadline = time.monotonic() + duration_s
+            while time.monotonic() < deadline:
+                code, _ = await post_command(session, node.url, *command)
+                assert code == 200
+                await asyncio.sleep(0.05)
+
+        async with session.get(f"{node.url}/replicate?after=1") as response:
+            retrying = asyncio.create_task(retry_for(3.5))
+            deadline = time.monotonic() + 3.5
+            while (remaining_s := deadline - time.monotonic()) > 0:
+                try:
+                    async with asyncio.timeout(remaining_s):
+                        chunk = await response.content.readany()
+                except TimeoutError:
+                    break
+                kinds += [frame["t"] for frame in reader.feed(chunk)]
+            await retrying
+
+    assert kinds[0] == "hello"
+    assert kinds.count("heartbeat") >= 2

@@ -84,6 +84,7 @@ class Network(ABC):
             state,
             hello_frame(peer_db, log_head(peer_db), after=after),
             self_node=puller.node_id,
+            self_boot=puller.database().boot,
         )
         record = state.to_record()
         puller.database().store.write(lambda txn: txn.peer_put(peer.url, record))

@@ -111,7 +111,10 @@ class RequestHandler(web.RequestHandler):
     again, and the raw-socket tests in tests/test_http_malformed.py fail.
     """
 
-    __slots__ = ()
+    __slots__ = ("on_rejected",)
+
+    on_rejected: Callable[[int], None] | None
+    """Called with the status of each request the parser rejected."""
 
     def handle_error(
         self,
@@ -128,6 +131,8 @@ class RequestHandler(web.RequestHandler):
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         error = parse_error(exc)
+        if self.on_rejected is not None:
+            self.on_rejected(status)
         log.info(
             "request_malformed",
             status=status,
@@ -147,7 +152,10 @@ class RequestHandler(web.RequestHandler):
 
 
 def handler_factory(
-    server: web.Server, *, idle_timeout_s: float
+    server: web.Server,
+    *,
+    idle_timeout_s: float,
+    on_rejected: Callable[[int], None] | None = None,
 ) -> Callable[[], RequestHandler]:
     """Return a protocol factory for `asyncio.loop.create_server`.
 
@@ -162,11 +170,13 @@ def handler_factory(
         # None turns aiohttp's access log off (cmdlog logs each request in a
         # middleware). aiohttp accepts it, as AppRunner(access_log=None) shows,
         # though the parameter is annotated as a Logger.
-        return RequestHandler(
+        handler = RequestHandler(
             server,
             loop=loop,
             keepalive_timeout=idle_timeout_s,
             access_log=None,  # type: ignore[arg-type]
         )
+        handler.on_rejected = on_rejected
+        return handler
 
     return make_handler

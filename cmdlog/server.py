@@ -28,6 +28,9 @@ from cmdlog.node import Node, NodeConfig
 
 log = structlog.get_logger(__name__)
 
+UNPARSED_ROUTE = "unparsed"
+"""The route label in /metrics of requests that aiohttp's parser rejected."""
+
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split `HOST:PORT` (IPv6 hosts in brackets); raise StartupError if malformed."""
@@ -100,7 +103,9 @@ class Server:
         # The listener is created here instead of by a web.TCPSite, because a
         # TCPSite makes each connection's handler with aiohttp's own class.
         make_handler = handler_factory(
-            server, idle_timeout_s=self.config.http.idle_timeout_s
+            server,
+            idle_timeout_s=self.config.http.idle_timeout_s,
+            on_rejected=self._count_rejected,
         )
         try:
             listener = await asyncio.get_running_loop().create_server(
@@ -209,6 +214,11 @@ class Server:
                 http.requests_in_flight_max,
             ),
         }
+
+    def _count_rejected(self, status: int) -> None:
+        # The parser rejected the request before its method or route was
+        # known, so both labels say so.
+        self.metrics.observe_request("other", UNPARSED_ROUTE, status, 0.0)
 
     async def stop(self) -> None:
         log.info("server_stopping", node=self.node.node_id)

@@ -249,14 +249,14 @@ async def test_unparsable_request_logged(corpus_node: NodeProcess) -> None:
     assert "exception" not in lines[0], lines
 
 
-async def post_statuses(
-    session: aiohttp.ClientSession, node: NodeProcess
+async def request_statuses(
+    session: aiohttp.ClientSession, node: NodeProcess, method: str, route: str
 ) -> Counter[str]:
-    """Return the node's count of POST /commands requests by status."""
+    """Return the node's count of requests to `route` by status, from /metrics."""
     async with session.get(node.url + "/metrics") as response:
         text = await response.text()
     pattern = re.compile(
-        r'^cmdlog_http_requests_total\{method="POST",route="/commands",'
+        rf'^cmdlog_http_requests_total\{{method="{method}",route="{re.escape(route)}",'
         r'status="(\d+)"\} ([0-9.e+]+)$',
         re.M,
     )
@@ -265,13 +265,30 @@ async def post_statuses(
     )
 
 
+async def test_unparsable_request_counted(
+    corpus_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    """A request that the parser rejects is counted in /metrics, under the
+    route "unparsed", as the requests that reach a route are."""
+    before = await request_statuses(session, corpus_node, "other", "unparsed")
+    reader, writer = await raw_request(
+        "127.0.0.1", corpus_node.port, b"COUNTED\r\n\r\n"
+    )
+    try:
+        await read_reply(reader)
+    finally:
+        writer.close()
+    after = await request_statuses(session, corpus_node, "other", "unparsed")
+    assert after - before == Counter({"400": 1})
+
+
 async def test_body_cut_short_counts_as_400(
     corpus_node: NodeProcess, session: aiohttp.ClientSession
 ) -> None:
     """A client that closes its connection partway through a body gets a 400
     request, not a crash, and records nothing."""
     count = await command_count(session, corpus_node)
-    before = await post_statuses(session, corpus_node)
+    before = await request_statuses(session, corpus_node, "POST", "/commands")
     _reader, writer = await raw_request(
         "127.0.0.1",
         corpus_node.port,
@@ -283,7 +300,7 @@ async def test_body_cut_short_counts_as_400(
 
     after = before
     for _ in range(50):
-        after = await post_statuses(session, corpus_node)
+        after = await request_statuses(session, corpus_node, "POST", "/commands")
         if after != before:
             break
         await asyncio.sleep(0.1)

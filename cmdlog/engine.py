@@ -510,16 +510,18 @@ class Engine:
         # The digest restarts from zero, so old outcomes are not subtracted.
         for key, seq, _outcome in self._folded_in_chunks(txn):
             while next_fresh is not None and next_fresh.key < key:
-                self._apply(batch, next_fresh, keep_undo=position >= keep_undo_from)
+                self._apply_all(
+                    batch, [next_fresh], keep_undo=position >= keep_undo_from
+                )
                 position += 1
                 next_fresh = next(pending_fresh, None)
             current = _Entry(key, seq, self._command_at_seq(txn, seq))
-            self._apply(batch, current, keep_undo=position >= keep_undo_from)
+            self._apply_all(batch, [current], keep_undo=position >= keep_undo_from)
             position += 1
             if position % REFOLD_CHUNK_COMMANDS == 0:
                 batch.flush_state()
         while next_fresh is not None:
-            self._apply(batch, next_fresh, keep_undo=position >= keep_undo_from)
+            self._apply_all(batch, [next_fresh], keep_undo=position >= keep_undo_from)
             position += 1
             next_fresh = next(pending_fresh, None)
         log.warning("full_refold_completed", commands=position)
@@ -541,30 +543,14 @@ class Engine:
             yield from chunk
             after = chunk[-1][0]
 
-    def _apply(
-        self,
-        batch: _Batch,
-        entry: _Entry,
-        *,
-        keep_undo: bool,
+    def _apply_all(
+        self, batch: _Batch, entries: list[_Entry], *, keep_undo: bool = True
     ) -> None:
-        """Fold one command not in `folded` and record its outcome and undo."""
-        command = entry.command
-        if command.type not in self.catalogued and command.type not in batch.catalogued:
-            self._record_handler(batch.txn, command.type)
-            batch.catalogued.add(command.type)
-        outcome, undo = fold.apply_command(self.app, batch.overlay, command)
-        batch.outcomes[command.id] = outcome
-        packed = fold.pack_outcome(outcome)
-        batch.state_digest += fold.outcome_item_hash(command.id, packed)
-        batch.txn.folded_put(entry.key, entry.seq, packed, undo if keep_undo else None)
+        """Fold `entries`, none of them in `folded`, in the order given, and
+        record each one's outcome and, with `keep_undo`, its undo record.
 
-    def _apply_all(self, batch: _Batch, entries: list[_Entry]) -> None:
-        """Fold `entries` in the order given and keep the undo record of each.
-
-        These are the steps of `_apply`, written out once for a whole run with
-        the lookups hoisted, because this loop runs for every command a node
-        takes.
+        The lookups are hoisted out of the loop, because it runs for every
+        command a node takes.
         """
         app, overlay, outcomes, txn = self.app, batch.overlay, batch.outcomes, batch.txn
         apply_command, pack, outcome_hash = (
@@ -583,7 +569,7 @@ class Engine:
             outcomes[command.id] = outcome
             packed = pack(outcome)
             digest += outcome_hash(command.id, packed)
-            txn.folded_put(key, seq, packed, undo)
+            txn.folded_put(key, seq, packed, undo if keep_undo else None)
         batch.state_digest = digest
 
     def _record_handler(self, txn: Txn, type_name: str) -> None:

@@ -492,7 +492,7 @@ class Puller:
                     )
                     if through > received_seq:
                         received_seq = through
-                        epoch = replication.parse_epoch(frame.get("epoch"))
+                        epoch = replication.parse_boot(frame.get("epoch"))
                         await _put_or_fail(queue, (entries, through, epoch), ingester)
                 elif kind != frames.HEARTBEAT:
                     raise FrameError(f"unknown replication frame kind {kind!r}")

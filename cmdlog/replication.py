@@ -187,7 +187,7 @@ class PeerState:
             node=record.get("node"),
             instance=record.get("instance"),
             cursor=int(record.get("cursor", 0)),
-            epoch=parse_epoch(record.get("epoch")),
+            epoch=parse_boot(record.get("epoch")),
         )
 
     def to_record(self) -> dict[str, Any]:
@@ -232,9 +232,7 @@ def accept_hello(
         raise FrameError(f"hello has an invalid node ID {node!r}")
     if type(instance) is not str or type(head) is not int:
         raise FrameError("hello lacks a string 'instance' or an integer 'head'")
-    boot = hello.get("boot")
-    if type(boot) is not str or not BOOT_PATTERN.fullmatch(boot):
-        boot = None  # as from a release whose hello has no boot
+    boot = parse_boot(hello.get("boot"))  # None from a release without boots
     if node == self_node and boot is not None and boot != self_boot:
         raise DuplicateNodeId(
             f"{peer.url} runs with this node's ID {node} in another process "
@@ -255,20 +253,24 @@ def accept_hello(
     if rewound and type(after) is int and 0 <= after < peer.cursor:
         # The peer's log went back (a restore from a backup): what this node
         # read after `after` is not in it, so reading resumes there.
-        peer.cursor, peer.epoch = after, parse_epoch(hello.get("epoch"))
+        peer.cursor, peer.epoch = after, parse_boot(hello.get("epoch"))
     if after != peer.cursor:
         raise FrameError(
             f"the stream starts after sequence {after!r}, but this node asked for "
             f"{peer.cursor}"
         )
     peer.node, peer.instance, peer.head = node, instance, head
-    peer.epoch = parse_epoch(hello.get("epoch")) or peer.epoch
+    peer.epoch = parse_boot(hello.get("epoch")) or peer.epoch
     peer.boot = boot
     return reset or rewound
 
 
-def parse_epoch(value: Any) -> str | None:
-    """Return a frame's epoch (a boot name), or None for a missing or malformed one."""
+def parse_boot(value: Any) -> str | None:
+    """Return `value` if it is a boot name, else None (missing or malformed).
+
+    A boot names one run of a node's process, and a log epoch by the boot
+    that began it, so frames' epochs are parsed with this too.
+    """
     if type(value) is str and BOOT_PATTERN.fullmatch(value):
         return value
     return None

@@ -189,23 +189,26 @@ def measure_raw(
     puts_per_commit: int | None = None,
     writemap: bool | None = None,
     mdb_stat: str | None = None,
+    workload: RawWorkload | None = None,
+    rng: random.Random | None = None,
 ) -> RawResult:
     """Write the puts for `commands` commands and time the transactions only.
 
     Commits once per batch of 1,000 commands, as cmdlog does, or every
     `puts_per_commit` puts when given. `writemap` overrides the store's flag.
     Building the values is not timed, and neither is counting pages (with
-    `mdb_stat`, when given).
+    `mdb_stat`, when given). A `workload` and `rng` that wrote the
+    environment before continue its sequence, stamps and keys.
     """
     env, dbs = _open_env(data_dir, writemap=writemap)
     commits_total = _commits_total(commands, seed, databases, puts_per_commit)
-    workload = RawWorkload()
+    workload = workload or RawWorkload()
     undo_keep = StoreConfig().undo_horizon_commands if "undo" in databases else None
     result = RawResult()
     meter = PageMeter(
         data_dir, env, dbs.values(), commits_total=commits_total, mdb_stat=mdb_stat
     )
-    rng = random.Random(seed)
+    rng = rng or random.Random(seed)
     try:
         for start in range(0, commands, BATCH_COMMANDS):
             batch = generate_batch(rng, min(BATCH_COMMANDS, commands - start))
@@ -253,20 +256,9 @@ def measure_raw_filled(
     finally:
         env.close()
     fill_s = time.perf_counter() - started
-
-    env, dbs = _open_env(data_dir, writemap=None)
-    result = RawResult()
-    try:
-        for start in range(0, commands, BATCH_COMMANDS):
-            batch = generate_batch(rng, min(BATCH_COMMANDS, commands - start))
-            puts = workload.batch_puts(batch)
-            started = time.perf_counter()
-            _commit(env, dbs, puts, stamp=workload.stamp, undo_keep=undo_keep)
-            result.seconds += time.perf_counter() - started
-            result.puts += len(puts)
-            result.commands += len(batch)
-    finally:
-        env.close()
+    result = measure_raw(
+        data_dir, commands=commands, seed=seed, workload=workload, rng=rng
+    )
     return fill_s, result
 
 

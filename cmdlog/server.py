@@ -216,8 +216,8 @@ class Server:
         }
 
     def _count_rejected(self, status: int) -> None:
-        # The parser rejected the request before its method or route was
-        # known, so both labels say so.
+        # The parser rejected the request before its method and route were
+        # known, so the labels are "other" and "unparsed".
         self.metrics.observe_request("other", UNPARSED_ROUTE, status, 0.0)
 
     async def stop(self) -> None:

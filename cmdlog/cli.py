@@ -70,8 +70,8 @@ def _replay(args: argparse.Namespace) -> int:
 def _open_stopped_node(data_dir: str) -> Store:
     """Open the existing data directory of a stopped node for writing.
 
-    Raises `StartupError` if it holds no cmdlog data, or if a running
-    process holds its lock.
+    Raises `StartupError` if it contains no cmdlog data, or if a running
+    process has its lock.
     """
     from pathlib import Path
 

@@ -386,7 +386,7 @@ class Puller:
         self._activity = asyncio.Event()
 
     async def sends_again(self, timeout_s: float) -> bool:
-        """Wait for the next frame of the current stream; return True if one
+        """Wait for the next frame of the current stream, and return True if one
         arrives within `timeout_s` and the stream is still open."""
         stream = self.streams_opened
         activity = self._activity

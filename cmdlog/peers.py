@@ -157,7 +157,7 @@ class Peers:
 
     def _other_process(self, peer: PeerState, *, skip: set[str]) -> Puller | None:
         """Return a connected puller, not of a URL in `skip`, whose peer has
-        `peer.node` as node ID but another boot; None if there is none."""
+        `peer.node` as node ID but another boot, or None if there is none."""
         if peer.boot is None:
             return None
         for url, puller in self.pullers.items():

@@ -2,7 +2,7 @@
 
 The target: with 10,000,000 commands stored, appends run at no less than
 80% of the empty-store rate. The dedupe lookup of each Idempotency-Key
-must not slow down as the `ids` index grows.
+must not slow down as the ID index (`id_hashes`) grows.
 
 1. Fill: one data directory gets N commands through `Database.submit`, the
    workload of `bench.core` (1,000 `ledger.open`, then deposits and charges
@@ -15,7 +15,7 @@ must not slow down as the `ids` index grows.
    Only the `Database.submit` calls are timed. Around them, the run counts
    the time inside the write transaction, the pages each of the last
    commits dirtied (`bench.pages`) and the device's write requests. After
-   each run it reads the tree shape of each named database and times `ids`
+   each run it reads the tree shape of each named database and times ID
    lookups, so a slower (b) can be traced to its cause.
 3. Diagnose: one more append per store with `durable=False` separates the
    sync from the rest of the commit, and a 4 KiB write + fdatasync loop
@@ -108,7 +108,7 @@ APPEND_RATE_FLOOR = 1_000
 its floor is cut off with an error, after at least `TIMEOUT_MIN_S`."""
 TIMEOUT_MIN_S = 120.0
 LOOKUPS = 100_000
-"""`ids` lookups per store and run, half of stored keys and half of new ones."""
+"""ID index lookups per store and run, half of stored keys and half of new ones."""
 LOOKUP_SECONDS_MAX = 30.0
 FINCORE_TIMEOUT_S = 30.0
 FILLED = "filled"
@@ -302,13 +302,13 @@ def measure_lookups(
                 entry = txn.id_get(key)
                 if (entry is not None) != expected_found:
                     raise RuntimeError(
-                        f"ids lookup of {key!r} returned {entry!r}, expected "
+                        f"ID lookup of {key!r} returned {entry!r}, expected "
                         f"{'an entry' if expected_found else 'none'}"
                     )
             found[name] = (time.perf_counter() - started) / len(keys) * 1e6
             if time.perf_counter() > deadline:
                 raise RuntimeError(
-                    f"{len(keys):,} ids lookups took over {LOOKUP_SECONDS_MAX} s"
+                    f"{len(keys):,} ID lookups took over {LOOKUP_SECONDS_MAX} s"
                 )
     return found
 
@@ -357,7 +357,7 @@ def measure_append(
 
     On a new store, the 1,000 `ledger.open` go first. On a filled one they
     are retries, which the engine deduplicates. Either way their commit is
-    not timed. With `lookup_keys`, the run also times `ids` lookups of those
+    not timed. With `lookup_keys`, the run also times ID lookups of those
     (stored) keys and of as many new ones after the append.
     """
     app = ledger_app()
@@ -764,10 +764,12 @@ def render_summary(results: dict[str, Any]) -> str:
         _row(results, "µs per command inside the transaction", _engine_us, "{:.1f}"),
         _row(results, "commit and sync, ms per commit", _commit_ms, "{:.1f}"),
         _row(results, "pages dirtied per commit", _pages),
-        _row(results, "`ids` depth after the run", _tree_field("ids", "depth")),
         _row(
-            results, "µs per `ids` lookup of a new key", _lookup_us("new_us"), "{:.2f}"
+            results,
+            "`id_hashes` depth after the run",
+            _tree_field("id_hashes", "depth"),
         ),
+        _row(results, "µs per ID lookup of a new key", _lookup_us("new_us"), "{:.2f}"),
     ]
     round_rows = [
         [
@@ -809,7 +811,7 @@ def render_summary(results: dict[str, Any]) -> str:
 def render_diagnosis(results: dict[str, Any]) -> str:
     """Tabulate where the two stores differ: trees, pages, sync, lookups."""
     rows = []
-    for name, random_puts in (("ids", BATCH_COMMANDS), ("state.ledger", CHARGES)):
+    for name, random_puts in (("id_hashes", BATCH_COMMANDS), ("state.ledger", CHARGES)):
         rows += [
             _row(results, f"`{name}` depth", _tree_field(name, "depth")),
             _row(results, f"`{name}` branch pages", _tree_field(name, "branch_pages")),
@@ -867,11 +869,11 @@ def render_diagnosis(results: dict[str, Any]) -> str:
         ),
         _row(
             results,
-            "µs per `ids` lookup, stored key",
+            "µs per ID lookup, stored key",
             _lookup_us("stored_us"),
             "{:.2f}",
         ),
-        _row(results, "µs per `ids` lookup, new key", _lookup_us("new_us"), "{:.2f}"),
+        _row(results, "µs per ID lookup, new key", _lookup_us("new_us"), "{:.2f}"),
         _row(
             results,
             "share of data.mdb in the page cache before the run",

@@ -12,7 +12,7 @@ KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the on-disk layout; a node refuses a data directory of another."""
 
 

@@ -32,7 +32,7 @@ import structlog
 from cmdlog import codec, fold
 from cmdlog.app import App
 from cmdlog.config import StoreConfig
-from cmdlog.errors import KeyReused, MalformedBody, UnknownCommandType
+from cmdlog.errors import DataError, KeyReused, MalformedBody, UnknownCommandType
 from cmdlog.fold import StateOverlay
 from cmdlog.hlc import HybridClock
 from cmdlog.model import PENDING, Command, Outcome, order_key, split_order_key
@@ -118,8 +118,15 @@ class _Batch:
         """Outcomes set in this batch, by command ID, so results need no read."""
 
     def id_get(self, command_id: str) -> list[Any] | None:
+        """Return `[seq, fingerprint, stamp, origin]` of the ID's folded copy."""
         if command_id not in self.ids:
-            self.ids[command_id] = self.txn.id_get(command_id)
+            seq = self.txn.id_get(command_id)
+            entry = None
+            if seq is not None:
+                command = command_at(self.txn, seq, command_id)
+                fingerprint = codec.fingerprint(command.type, command.payload)
+                entry = [seq, fingerprint, command.stamp, command.origin]
+            self.ids[command_id] = entry
         return self.ids[command_id]
 
     def id_put(
@@ -129,14 +136,7 @@ class _Batch:
 
         Returns whether the entry was stored.
         """
-        stored = self.txn.id_put(
-            command.id,
-            seq,
-            fingerprint,
-            command.stamp,
-            command.origin,
-            overwrite=overwrite,
-        )
+        stored = self.txn.id_put(command.id, seq, overwrite=overwrite)
         if stored:
             self.ids[command.id] = [seq, fingerprint, command.stamp, command.origin]
         return stored
@@ -265,7 +265,9 @@ class Engine:
         return answers
 
     def _key_reused(self, batch: _Batch, submission: Submission) -> KeyReused:
-        stored = self._command_at(batch.txn, batch.id_get(submission.id))
+        entry = batch.id_get(submission.id)
+        assert entry is not None, f"ID {submission.id} is taken but not stored"
+        stored = command_at(batch.txn, entry[0], submission.id)
         stored_payload = orjson.dumps(
             stored.payload, option=orjson.OPT_SORT_KEYS
         ).decode()
@@ -598,18 +600,13 @@ class Engine:
     def _command_at_seq(self, txn: Txn, seq: int) -> Command:
         return Command.from_record(txn.log_get(seq))
 
-    def _command_at(self, txn: Txn, id_entry: list[Any] | None) -> Command:
-        assert id_entry is not None
-        return self._command_at_seq(txn, id_entry[0])
-
     def view(self, txn: Txn, command_id: str) -> tuple[Command, Outcome] | None:
         """Return the stored command with this ID and its current outcome."""
-        id_entry = txn.id_get(command_id)
-        if id_entry is None:
+        seq = txn.id_get(command_id)
+        if seq is None:
             return None
-        seq, _fingerprint, stamp, origin = id_entry
-        command = self._command_at_seq(txn, seq)
-        key = order_key(stamp, origin, command_id)
+        command = command_at(txn, seq, command_id)
+        key = command.order_key
         folded = txn.folded_get(key)
         if folded is not None:
             return command, fold.unpack_outcome(folded[1])
@@ -624,7 +621,7 @@ class Engine:
             type_name = txn.log_get(seq)[1]
             pending_types[type_name] = pending_types.get(type_name, 0) + 1
         return Status(
-            commands=txn.count("ids"),
+            commands=txn.count("id_hashes"),
             applied=txn.count("folded"),
             pending=txn.count("pending"),
             log_entries=txn.log_last_seq(),
@@ -633,6 +630,19 @@ class Engine:
             pending_types=pending_types,
             conflicts=txn.count("conflicts"),
         )
+
+
+def command_at(txn: Txn, seq: int, command_id: str) -> Command:
+    """Return the command at log entry `seq`, which the ID index gave for
+    `command_id`; raise `DataError` if the entry holds another ID."""
+    command = Command.from_record(txn.log_get(seq))
+    if command.id != command_id:
+        raise DataError(
+            f"the ID index points {command_id!r} at log entry {seq}, which holds "
+            f"{command.id!r}; the store is damaged: replay its log into a new "
+            "directory"
+        )
+    return command
 
 
 def prepare_submission(

@@ -6,8 +6,10 @@ Named databases, each with its key and value layout:
   next sequence number, digests).
 - `log`: local sequence number (8 bytes, big-endian) -> command record, in
   local append order. Append-only.
-- `ids`: command ID -> `[seq, fingerprint, stamp, origin]` of the copy the
-  node folds (the one that sorts first in canonical order).
+- `id_hashes`: `id_hash(command ID)` (16 bytes) -> seq (8 bytes, big-endian)
+  of the copy the node folds (the one that sorts first in canonical order).
+  The command itself is in the log entry at seq. The keys are random, so
+  each new ID rewrites a leaf page, and small entries keep the tree small.
 - `folded`: order key -> seq (8 bytes) followed by the packed outcome
   `[status, result, reason]`, for every command in the fold; iterating it
   is iterating the fold order.
@@ -37,9 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,11 +65,14 @@ log = structlog.get_logger(__name__)
 
 SEQ_BYTES = 8
 _CORE_DBS = (
-    "meta", "log", "ids", "folded", "pending", "undo", "conflicts", "superseded",
+    "meta", "log", "id_hashes", "folded", "pending", "undo", "conflicts", "superseded",
     "peers", "catalog", "sources",
 )  # fmt: skip
-_ADDED_DBS = frozenset({"sources"})
+_ADDED_DBS = frozenset({"sources", "id_hashes"})
 """Databases that a store written by an older release may lack."""
+ID_HASH_BYTES = 16
+_UPGRADE_CHUNK_ENTRIES = 50_000
+"""Entries an upgrade moves per write transaction."""
 _STATE_PREFIX = "state."
 _DBS_MAX = 64
 DISK_FREE_BYTES_MIN = 16 * 1024 * 1024
@@ -99,6 +106,19 @@ def require_store(path: Path) -> None:
 
 def seq_key(seq: int) -> bytes:
     return seq.to_bytes(SEQ_BYTES, "big")
+
+
+def id_hash(command_id: str) -> bytes:
+    """Return the `id_hashes` key of a command ID: 16 bytes of BLAKE2b.
+
+    A fixed 16-byte key keeps index entries small whatever the ID's length.
+    Finding two IDs with the same hash is computationally infeasible.
+    """
+    return _id_hash_bytes(command_id.encode())
+
+
+def _id_hash_bytes(raw_id: bytes) -> bytes:
+    return hashlib.blake2b(raw_id, digest_size=ID_HASH_BYTES).digest()
 
 
 class _ReadGate:
@@ -195,28 +215,23 @@ class Txn:
 
     # ids
 
-    def id_get(self, command_id: str) -> list[Any] | None:
-        data = self.raw.get(command_id.encode(), db=self._dbs["ids"])
-        return None if data is None else codec.unpack(data)
+    def id_get(self, command_id: str) -> int | None:
+        """Return the log sequence number of the ID's folded copy, or None."""
+        data = self.raw.get(id_hash(command_id), db=self._dbs["id_hashes"])
+        return None if data is None else int.from_bytes(data, "big")
 
-    def id_put(
-        self,
-        command_id: str,
-        seq: int,
-        fingerprint: bytes,
-        stamp: int,
-        origin: str,
-        *,
-        overwrite: bool = True,
-    ) -> bool:
-        """Store the ID's entry, or with `overwrite=False` only if the ID is new.
+    def id_put(self, command_id: str, seq: int, *, overwrite: bool = True) -> bool:
+        """Point the ID at log entry `seq`, or with `overwrite=False` only if
+        the ID is new.
 
         Returns whether the entry was stored. One put with `overwrite=False`
         costs one tree descent, where a get and then a put cost two.
         """
-        value = codec.pack([seq, fingerprint, stamp, origin])
         stored: bool = self.raw.put(
-            command_id.encode(), value, db=self._dbs["ids"], overwrite=overwrite
+            id_hash(command_id),
+            seq.to_bytes(SEQ_BYTES, "big"),
+            db=self._dbs["id_hashes"],
+            overwrite=overwrite,
         )
         return stored
 
@@ -532,12 +547,69 @@ class Store:
         if version is None and not readonly:
             self.write(lambda txn: txn.meta_put("format_version", FORMAT_VERSION))
             return
+        if version in _UPGRADES and not readonly:
+            self._upgrade(version)
+            return
+        if version in _UPGRADES:
+            raise VersionMismatch(
+                f"the data directory {self.path} has format version {version}, "
+                f"and this cmdlog reads version {FORMAT_VERSION}; start `cmdlog "
+                "serve` on it once, which upgrades it in place, then retry"
+            )
         if version != FORMAT_VERSION:
             raise VersionMismatch(
                 f"the data directory {self.path} has format version {version}, "
                 f"this cmdlog reads version {FORMAT_VERSION}; use the cmdlog "
                 "release that wrote it, or replay its log into a new directory"
             )
+
+    def _upgrade(self, version: int) -> None:
+        """Bring a store of an older format up to `FORMAT_VERSION`.
+
+        Each step commits in chunks and records how far it got, so an
+        upgrade cut short by a crash goes on where it stopped.
+        """
+        started = time.monotonic()
+        log.info("store_upgrading", path=str(self.path), version=version)
+        while version != FORMAT_VERSION:
+            _UPGRADES[version](self)
+            version += 1
+        log.info(
+            "store_upgraded",
+            path=str(self.path),
+            version=version,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _upgrade_ids_to_hashes(self) -> None:
+        """Format 1 to 2: move `ids` (command ID -> `[seq, fingerprint,
+        stamp, origin]`) to `id_hashes` (ID hash -> seq), then drop `ids`."""
+        old = self.env.open_db(b"ids", create=False)
+        new = self._dbs["id_hashes"]
+
+        def move_chunk(txn: Txn) -> bool:
+            after: bytes | None = txn.meta_get("upgrade_ids_after")
+            cursor = txn.raw.cursor(db=old)
+            found = cursor.set_range(after) if after is not None else cursor.first()
+            if found and cursor.key() == after:
+                found = cursor.next()
+            moved = 0
+            while found and moved < _UPGRADE_CHUNK_ENTRIES:
+                raw_id, value = cursor.item()
+                seq = codec.unpack(value)[0]
+                txn.raw.put(_id_hash_bytes(raw_id), seq_key(seq), db=new)
+                after, moved = raw_id, moved + 1
+                found = cursor.next()
+            if found:
+                txn.meta_put("upgrade_ids_after", after)
+                return False
+            txn.raw.drop(old, delete=True)
+            txn.raw.delete(b"upgrade_ids_after", db=self._dbs["meta"])
+            txn.meta_put("format_version", 2)
+            return True
+
+        while not self.write(move_chunk):
+            pass
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
@@ -623,3 +695,9 @@ def remove_store_files(path: Path) -> None:
     for name in ("data.mdb", "lock.mdb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path / name)
+
+
+_UPGRADES: dict[int, Callable[[Store], None]] = {
+    1: Store._upgrade_ids_to_hashes,
+}
+"""For each older format version, the step that writes the next version."""

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from cmdlog.app import App
 from cmdlog.apps.ledger import ledger
 from cmdlog.cli import main
-from cmdlog.config import StoreConfig
+from cmdlog.config import FORMAT_VERSION, StoreConfig
 from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
 from cmdlog.errors import StartupError, VersionMismatch
@@ -169,7 +169,7 @@ def test_unknown_format_version_refused(tmp_path: Path) -> None:
     with pytest.raises(VersionMismatch) as raised:
         Store(tmp_path, ["ledger"])
     assert "99" in raised.value.message
-    assert "version 1" in raised.value.message
+    assert f"version {FORMAT_VERSION}" in raised.value.message
 
 
 LOCK_HOLDER = """

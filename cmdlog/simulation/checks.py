@@ -7,9 +7,9 @@ from collections import Counter
 from typing import Any
 
 from cmdlog import codec, fold
-from cmdlog.engine import Status
+from cmdlog.engine import Status, command_at
 from cmdlog.errors import NotFound
-from cmdlog.model import APPLIED, Command, order_key, split_order_key
+from cmdlog.model import APPLIED, Command, split_order_key
 from cmdlog.replay import replay
 from cmdlog.simulation.records import Node, Snapshot, Violations
 from cmdlog.simulation.settings import ACCOUNTS, APP
@@ -25,9 +25,9 @@ def read_snapshot(node: Node) -> Snapshot:
         ]
         kept_keys: dict[str, bytes] = {}
         for command in copies:
-            entry = txn.id_get(command.id)
-            if entry is not None and command.id not in kept_keys:
-                kept_keys[command.id] = order_key(entry[2], entry[3], command.id)
+            seq = txn.id_get(command.id)
+            if seq is not None and command.id not in kept_keys:
+                kept_keys[command.id] = command_at(txn, seq, command.id).order_key
         folded = [
             (key, fold.unpack_outcome(packed), Command.from_record(txn.log_get(seq)))
             for key, seq, packed in txn.folded_from(b"")

@@ -1,0 +1,163 @@
+"""Upgrading a store of format 1, written by an older release, to format 2.
+
+The fixture in tests/data was written by the release before format 2 (see
+tests/data/make_store_v1.py), and its JSON contains what that release read
+back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from cmdlog import codec, store
+from cmdlog.apps.example import app
+from cmdlog.config import FORMAT_VERSION
+from cmdlog.database import Database
+from cmdlog.engine import prepare_submission
+from cmdlog.errors import VersionMismatch
+from cmdlog.replay import replay
+from cmdlog.store import Store, id_hash
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture
+def v1_dir(tmp_path: Path) -> Path:
+    with tarfile.open(DATA / "store-v1.tar.gz") as archive:
+        archive.extractall(tmp_path / "v1", filter="data")
+    return tmp_path / "v1"
+
+
+def _expected() -> dict[str, Any]:
+    return json.loads((DATA / "store-v1.json").read_text())  # type: ignore[no-any-return]
+
+
+def _raw_meta(path: Path, name: str) -> Any:
+    env = lmdb.open(str(path), max_dbs=64, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            data = txn.get(name.encode(), db=env.open_db(b"meta", txn=txn))
+            names = {key for key, _value in txn.cursor()}
+    finally:
+        env.close()
+    return (None if data is None else codec.unpack(data)), names
+
+
+def _assert_reads_as_v1_did(path: Path) -> None:
+    expected = _expected()
+    db = Database(path, app)
+    try:
+        for command_id, view in expected["views"].items():
+            found = db.view(command_id)
+            if view is None:
+                assert found is None, command_id
+            else:
+                assert found is not None, command_id
+                assert [list(found[0]), list(found[1])] == [
+                    view["command"],
+                    view["outcome"],
+                ], command_id
+        status = db.status()
+        for name, value in expected["status"].items():
+            assert getattr(status, name) == value, name
+    finally:
+        db.close()
+
+
+def test_v1_store_upgrades_in_place(
+    v1_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ID reads as the old release read it, the digests stay, the old
+    index is gone, and replay agrees with the upgraded store."""
+    assert _raw_meta(v1_dir, "format_version")[0] == 1
+    # A logger of its own: in-process CLI tests may have set a level above info.
+    capture = LogCapture()
+    monkeypatch.setattr(
+        store,
+        "log",
+        structlog.wrap_logger(
+            None,
+            processors=[capture],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        ),
+    )
+    _assert_reads_as_v1_did(v1_dir)
+    upgraded = [e for e in capture.entries if e["event"] == "store_upgraded"]
+    assert [e["version"] for e in upgraded] == [2]
+
+    version, names = _raw_meta(v1_dir, "format_version")
+    assert version == FORMAT_VERSION == 2
+    assert b"ids" not in names and b"id_hashes" in names
+    assert replay(v1_dir, app).matches
+
+
+def test_upgrade_cut_short_goes_on(
+    v1_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that stops between its commits, as after a crash, leaves
+    format 1 with its progress recorded; the next open finishes it."""
+    monkeypatch.setattr(store, "_UPGRADE_CHUNK_ENTRIES", 2)
+    real_write = Store.write
+    commits = 0
+
+    def failing_write(self: Store, work: Any) -> Any:
+        nonlocal commits
+        if commits == 2:
+            raise OSError("simulated crash")
+        commits += 1
+        return real_write(self, work)
+
+    monkeypatch.setattr(Store, "write", failing_write)
+    with pytest.raises(OSError, match="simulated crash"):
+        Store(v1_dir, list(app.domains))
+    monkeypatch.setattr(Store, "write", real_write)
+
+    version, _names = _raw_meta(v1_dir, "format_version")
+    after, _names = _raw_meta(v1_dir, "upgrade_ids_after")
+    assert version == 1
+    assert after is not None  # two chunks of two IDs moved, more to go
+
+    _assert_reads_as_v1_did(v1_dir)
+    assert _raw_meta(v1_dir, "upgrade_ids_after")[0] is None
+
+
+def test_read_only_open_of_v1_names_the_fix(v1_dir: Path) -> None:
+    """A read-only open (replay, status of a stopped node) cannot upgrade; it
+    says how to."""
+    with pytest.raises(VersionMismatch) as raised:
+        Store(v1_dir, list(app.domains), readonly=True)
+    assert "version 1" in raised.value.message
+    assert "cmdlog serve" in raised.value.message
+
+
+def test_index_keys_are_id_hashes(tmp_path: Path) -> None:
+    """The ID index holds 16-byte hashes of the IDs and 8-byte sequence
+    numbers, whatever the IDs' length."""
+    long_id = "k" * 200
+    db = Database(tmp_path, app)
+    try:
+        db.submit(
+            [
+                prepare_submission(
+                    app, key, "ledger.open", {"account": key[:40], "currency": "EUR"}
+                )
+                for key in ("short", long_id)
+            ]
+        )
+        with db.store.read() as txn:
+            cursor = txn.raw.cursor(db=db.store._dbs["id_hashes"])
+            entries = dict(cursor.iternext())
+    finally:
+        db.close()
+    assert set(entries) == {id_hash("short"), id_hash(long_id)}
+    assert {len(value) for value in entries.values()} == {8}
+    assert sorted(int.from_bytes(v, "big") for v in entries.values()) == [1, 2]

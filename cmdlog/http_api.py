@@ -37,6 +37,7 @@ from cmdlog.errors import (
     InvalidKey,
     KeyReused,
     MalformedBody,
+    MalformedRequest,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -59,6 +60,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE = web.AppKey("node", Node)
 METRICS = web.AppKey("metrics", Metrics)
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
+REQUESTED_VERSION = "requested_http_version"
+"""Request key set on a request whose line named an HTTP version other than
+1.0 and 1.1 (see `cmdlog.http_protocol`), to the version it named."""
 COMMAND_FIELDS = ("type", "payload")
 BATCH_ITEM_FIELDS = ("id", "type", "payload")
 
@@ -106,6 +110,8 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
     started = time.monotonic()
     response: web.StreamResponse
     try:
+        if REQUESTED_VERSION in request:
+            raise _version_error(request[REQUESTED_VERSION])
         response = await handler(request)
     except CmdlogError as error:
         if not isinstance(error, ClientError):
@@ -149,6 +155,17 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
             request.get("command_id"),
         )
     return response
+
+
+def _version_error(version: tuple[int, int]) -> MalformedRequest:
+    named = "no HTTP version" if version < (1, 0) else f"HTTP/{version[0]}.{version[1]}"
+    error = MalformedRequest(
+        f"the request line names {named}, and this node speaks HTTP/1.1 and "
+        "HTTP/1.0 only, so nothing was recorded; start the request with a line "
+        "such as 'POST /commands HTTP/1.1'"
+    )
+    error.code = "malformed_request_line"
+    return error
 
 
 def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:

@@ -6,7 +6,9 @@ Content-Length or chunk size, or a line over 8190 bytes (aiohttp 3.14's
 default limit). aiohttp responds to those with a text/plain page. The handler
 here responds with the API's `{"error": {"code", "message"}}` body instead,
 keeps aiohttp's status, and logs one `request_malformed` event in place of
-aiohttp's traceback.
+aiohttp's traceback. A request line with no HTTP version, or with another
+version than 1.0 and 1.1, passes the parser and gets its 400 from the error
+middleware (see `_http1_only`).
 
 NOTE: a chunked body that turns invalid after a handler has started to read
 it gets no response. aiohttp queues the parse error behind that request, and
@@ -21,6 +23,7 @@ from collections.abc import Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import (
     BadStatusLine,
     HttpProcessingError,
@@ -31,7 +34,7 @@ from aiohttp.http_exceptions import (
 
 from cmdlog import wire
 from cmdlog.errors import MalformedRequest
-from cmdlog.http_api import error_body
+from cmdlog.http_api import REQUESTED_VERSION, error_body
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +154,33 @@ class RequestHandler(web.RequestHandler):
         return response
 
 
+_HTTP1 = frozenset({HttpVersion10, HttpVersion11})
+
+
+def _http1_only(
+    factory: Callable[..., web.BaseRequest],
+) -> Callable[..., web.BaseRequest]:
+    """Wrap a server's request factory for requests of other HTTP versions.
+
+    aiohttp's parser accepts a request line with no version (HTTP/0.9) or
+    with a version such as HTTP/2.0, and would write that version in the
+    response's status line. The request built here has version HTTP/1.1,
+    and its connection closes after the response. It carries the version
+    the client named under `REQUESTED_VERSION`, so the error middleware
+    responds 400.
+    """
+
+    def make_request(message: RawRequestMessage, *args: object) -> web.BaseRequest:
+        if message.version in _HTTP1:
+            return factory(message, *args)
+        http1 = message._replace(version=HttpVersion11, should_close=True)
+        request = factory(http1, *args)
+        request[REQUESTED_VERSION] = message.version
+        return request
+
+    return make_request
+
+
 def handler_factory(
     server: web.Server,
     *,
@@ -165,6 +195,7 @@ def handler_factory(
     include it. Call this in the event loop that will serve the connections.
     """
     loop = asyncio.get_running_loop()
+    server.request_factory = _http1_only(server.request_factory)
 
     def make_handler() -> RequestHandler:
         # None turns aiohttp's access log off (cmdlog logs each request in a

@@ -22,7 +22,7 @@ import pytest
 
 from tests.malformed_corpus import CASES, MalformedCase
 from tests.nodes import NodeProcess
-from tests.raw_http import command_head, raw_request, read_reply
+from tests.raw_http import REPLY_TIMEOUT_S, command_head, raw_request, read_reply
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -197,8 +197,34 @@ UNPARSABLE: dict[str, tuple[bytes, str, str]] = {
 }
 
 
+# Request lines that name another HTTP version than 1.0 and 1.1. aiohttp's
+# parser accepts these, and the error middleware rejects them.
+_OPEN_HEAD = (
+    b"Host: x\r\nIdempotency-Key: other-version\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(_OPEN_BODY)
+)
+OTHER_VERSIONS: dict[str, tuple[bytes, str, str]] = {
+    "version-missing": (
+        b"POST /commands\r\n" + _OPEN_HEAD + _OPEN_BODY,
+        "malformed_request_line",
+        "no HTTP version",
+    ),
+    "version-0.9": (
+        b"POST /commands HTTP/0.9\r\n" + _OPEN_HEAD + _OPEN_BODY,
+        "malformed_request_line",
+        "no HTTP version",
+    ),
+    "version-2.0": (
+        b"POST /commands HTTP/2.0\r\n" + _OPEN_HEAD + _OPEN_BODY,
+        "malformed_request_line",
+        "HTTP/2.0",
+    ),
+}
+REJECTED = {**UNPARSABLE, **OTHER_VERSIONS}
+
+
 @pytest.mark.parametrize(
-    ("request_bytes", "code", "reason"), UNPARSABLE.values(), ids=UNPARSABLE.keys()
+    ("request_bytes", "code", "reason"), REJECTED.values(), ids=REJECTED.keys()
 )
 async def test_unparsable_request_rejected(
     corpus_node: NodeProcess,
@@ -228,6 +254,23 @@ async def test_unparsable_request_rejected(
     assert reason.lower() in body["error"]["message"].lower(), body
     assert await command_count(session, corpus_node) == count
     assert health_status == 200
+
+
+@pytest.mark.parametrize("line", [b"GET /status", b"GET /status HTTP/2.0"])
+async def test_other_version_gets_http_1_1(
+    corpus_node: NodeProcess, line: bytes
+) -> None:
+    """A request line with no version or another one gets an HTTP/1.1 status
+    line, which any HTTP/1 client can read, and the connection closes."""
+    reader, writer = await raw_request(
+        "127.0.0.1", corpus_node.port, line + b"\r\nHost: x\r\n\r\n"
+    )
+    try:
+        data = await asyncio.wait_for(reader.read(), timeout=REPLY_TIMEOUT_S)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 400 "), data[:100]
+    assert b"\r\nConnection: close\r\n" in data, data[:400]
 
 
 async def test_unparsable_request_logged(corpus_node: NodeProcess) -> None:

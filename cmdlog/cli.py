@@ -306,6 +306,12 @@ def _serve(args: argparse.Namespace) -> int:
                 defaults.idle_timeout_s,
                 _positive_seconds,
             ),
+            body_timeout_s=_setting(
+                args.body_timeout_s,
+                "BODY_TIMEOUT_S",
+                defaults.body_timeout_s,
+                _positive_seconds,
+            ),
         ),
         credentials=_credentials(args),
         advertise_url=advertise,
@@ -518,6 +524,13 @@ def _add_serve(commands: Any) -> None:
         default=None,
         help="seconds a client connection may stay open without a request "
         "before the node closes it (CMDLOG_IDLE_TIMEOUT_S, default 30)",
+    )
+    serve.add_argument(
+        "--body-timeout-s",
+        type=_positive_seconds,
+        default=None,
+        help="seconds a request body may stop arriving before the request gets "
+        "408 and its connection closes (CMDLOG_BODY_TIMEOUT_S, default 30)",
     )
     serve.set_defaults(run=_serve)
 

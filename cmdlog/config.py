@@ -65,6 +65,10 @@ class HttpConfig:
     idle_timeout_s: float = 30.0
     """How long a connection may wait for its next request, or its first,
     before the node closes it, so idle connections do not hold the limit."""
+    body_timeout_s: float = 30.0
+    """How long a request body may stop arriving (no new bytes) before the
+    request gets 408 and its connection closes, so a stalled upload does not
+    hold a request slot forever."""
     requests_in_flight_max: int = 2_048
     """Requests being handled at once; above this a request gets 503."""
     shutdown_timeout_s: float = 10.0

@@ -47,6 +47,15 @@ class MalformedRequest(ClientError):
     code = "malformed_request"
 
 
+class BodyTimeout(ClientError):
+    """The request body stopped arriving for longer than the body timeout."""
+
+    code = "body_timeout"
+    status = 408
+    close_connection = True
+    """The rest of the body may still arrive, so the connection cannot be reused."""
+
+
 class InvalidArgument(ClientError):
     """A query string or path parameter is missing or malformed."""
 

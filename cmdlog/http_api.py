@@ -31,6 +31,7 @@ from cmdlog import wire
 from cmdlog.auth import Credentials, scope_key
 from cmdlog.engine import Accepted, prepare_submission
 from cmdlog.errors import (
+    BodyTimeout,
     ClientError,
     CmdlogError,
     InvalidArgument,
@@ -202,10 +203,11 @@ class Limits:
         """Set on shutdown: requests that start from now on get 503."""
         self._idle = asyncio.Event()
         self._idle.set()
-        self._body_readers: set[asyncio.Task[Any]] = set()
-        """The request tasks waiting in `read` for a body."""
-        self._ended_reads: set[asyncio.Task[Any]] = set()
-        """The tasks among them that `end_body_reads` cancelled."""
+        self._body_readers: dict[asyncio.Task[Any], list[Any]] = {}
+        """The request tasks waiting in `read` for a body, each with its
+        `[body stream, bytes it had received, when that count last grew]`."""
+        self._ended_reads: dict[asyncio.Task[Any], CmdlogError] = {}
+        """The tasks among them that were cancelled, with the error they raise."""
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; return False on timeout."""
@@ -217,11 +219,11 @@ class Limits:
         return True
 
     async def read(self, request: web.Request) -> bytes:
-        """Read the request's body, unless `end_body_reads` ends the wait
-        with ShuttingDown."""
+        """Read the request's body, unless `end_body_reads` (ShuttingDown) or
+        `end_stalled_reads` (BodyTimeout) ends the wait."""
         task = asyncio.current_task()
         assert task is not None, "a request body is read outside a task"
-        self._body_readers.add(task)
+        self._body_readers[task] = [request.content, -1, 0.0]
         try:
             return await request.read()
         except ConnectionResetError as exc:
@@ -235,15 +237,13 @@ class Limits:
         except asyncio.CancelledError:
             # uncancel() leaves a count above 0 when something else cancelled
             # the task too, and that cancellation must go on.
-            if task not in self._ended_reads or task.uncancel() > 0:
+            error = self._ended_reads.get(task)
+            if error is None or task.uncancel() > 0:
                 raise
-            raise ShuttingDown(
-                "the node shut down before the request body arrived, so nothing "
-                "was recorded; send the request again, to another node"
-            ) from None
+            raise error from None
         finally:
-            self._body_readers.discard(task)
-            self._ended_reads.discard(task)
+            del self._body_readers[task]
+            self._ended_reads.pop(task, None)
 
     def end_body_reads(self) -> int:
         """End every body read in progress with ShuttingDown (503), and return
@@ -253,9 +253,48 @@ class Limits:
         shutdown need not wait for it.
         """
         for task in self._body_readers:
-            self._ended_reads.add(task)
-            task.cancel()
+            self._end_read(
+                task,
+                ShuttingDown(
+                    "the node shut down before the request body arrived, so "
+                    "nothing was recorded; send the request again, to another node"
+                ),
+            )
         return len(self._body_readers)
+
+    def end_stalled_reads(self, now: float) -> int:
+        """End with BodyTimeout (408) the body reads that received no bytes
+        for `body_timeout_s` before `now`, and return how many there were.
+
+        Called periodically. A read's clock restarts at the first call that
+        finds new bytes, so a read ends at most two periods after the timeout.
+        """
+        timeout_s = self.config.body_timeout_s
+        ended = 0
+        for task, waiting in self._body_readers.items():
+            received = waiting[0].total_bytes
+            if received != waiting[1]:
+                waiting[1], waiting[2] = received, now
+            elif now - waiting[2] >= timeout_s:
+                ended += self._end_read(
+                    task,
+                    BodyTimeout(
+                        f"the request body stopped arriving for {timeout_s:g} s "
+                        f"after {received} bytes, so nothing was recorded; send "
+                        "the whole body without pausing, then retry with the "
+                        "same key"
+                    ),
+                )
+        return ended
+
+    def _end_read(self, task: asyncio.Task[Any], error: CmdlogError) -> bool:
+        """Cancel the read so that it raises `error`; return False if it was
+        ended already."""
+        if task in self._ended_reads:
+            return False
+        self._ended_reads[task] = error
+        task.cancel()
+        return True
 
     @web.middleware
     async def middleware(

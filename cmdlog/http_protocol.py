@@ -11,9 +11,9 @@ version than 1.0 and 1.1, passes the parser and gets its 400 from the error
 middleware (see `_http1_only`).
 
 NOTE: a chunked body that turns invalid after a handler has started to read
-it gets no response. aiohttp queues the parse error behind that request, and
-the handler's body read waits until the client closes the connection or the
-node shuts down.
+it gets 408 once `--body-timeout-s` passes, not an immediate 400. aiohttp
+queues the parse error behind that request, so the handler's body read sees
+only a body that stopped arriving.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import signal
 import ssl
+import time
 
 import structlog
 from aiohttp import web
@@ -79,6 +80,7 @@ class Server:
         self._listener: asyncio.Server | None = None
         self._limits: Limits | None = None
         self._log_flusher: asyncio.Task[None] | None = None
+        self._body_sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.node.start()
@@ -98,6 +100,7 @@ class Server:
         assert server is not None
         limits.connections = lambda: len(server.connections)
         limits.close_idle = lambda count: _close_idle(server.connections, count)
+        self._body_sweeper = asyncio.create_task(_end_stalled_reads(limits))
         self.node.writer.on_commit.append(self.metrics.commits.inc)
         self.metrics.add_gauges(lambda: self._gauges(limits))
         # The listener is created here instead of by a web.TCPSite, because a
@@ -233,8 +236,9 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.node.stop()
-        if self._log_flusher is not None:
-            self._log_flusher.cancel()
+        for task in (self._log_flusher, self._body_sweeper):
+            if task is not None:
+                task.cancel()
         log.info("server_stopped")
 
     async def _drain(self, limits: Limits) -> None:
@@ -274,6 +278,16 @@ class Server:
         await stop.wait()
         log.info("shutdown_signalled")
         await self.stop()
+
+
+async def _end_stalled_reads(limits: Limits) -> None:
+    """End request bodies that stopped arriving, checking a few times per
+    body timeout and at least once a second."""
+    period_s = min(1.0, limits.config.body_timeout_s / 4)
+    while True:
+        await asyncio.sleep(period_s)
+        # Each request ended here is logged and counted with status 408.
+        limits.end_stalled_reads(time.monotonic())
 
 
 async def _flush_access_logs() -> None:

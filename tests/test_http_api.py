@@ -930,6 +930,63 @@ async def test_idle_timeout_closes_connections(
     assert used_open_s < timeout_s + 3
 
 
+async def read_head_and_body(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """Read one response with a Content-Length, without waiting for the
+    connection to close."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.I)[1])  # type: ignore[index]
+    return head, await asyncio.wait_for(reader.readexactly(length), timeout=10)
+
+
+async def test_stalled_body_gets_408(
+    node_factory: Callable[..., NodeProcess], session: aiohttp.ClientSession
+) -> None:
+    """A body that stops arriving for --body-timeout-s gets 408 and records
+    nothing, with a Content-Length or chunked. A body that keeps arriving,
+    however slowly, is not cut off."""
+    timeout_s = 1.0
+    node = node_factory(extra_args=("--body-timeout-s", str(timeout_s)))
+    body = json.dumps(open_command(unique("slow"))).encode()
+    keys = {name: unique(name) for name in ("stalled", "chunked", "trickled")}
+    chunked_head = command_head(node.port, keys["chunked"], 0).replace(
+        b"Content-Length: 0", b"Transfer-Encoding: chunked"
+    )
+    stalled = await raw_request(
+        "127.0.0.1",
+        node.port,
+        command_head(node.port, keys["stalled"], len(body)) + body[:7],
+    )
+    chunked = await raw_request(
+        "127.0.0.1", node.port, chunked_head + b"7\r\n" + body[:7] + b"\r\n"
+    )
+    trickled = await raw_request(
+        "127.0.0.1", node.port, command_head(node.port, keys["trickled"], len(body))
+    )
+    started = time.monotonic()
+    try:
+        for index in range(len(body)):
+            trickled[1].write(body[index : index + 1])
+            await asyncio.sleep(timeout_s * 2.5 / len(body))
+        replies = {
+            name: await read_head_and_body(connection[0])
+            for name, connection in zip(keys, (stalled, chunked, trickled), strict=True)
+        }
+        elapsed_s = time.monotonic() - started
+    finally:
+        for _reader, writer in (stalled, chunked, trickled):
+            writer.close()
+
+    for name in ("stalled", "chunked"):
+        head, error = replies[name]
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert b"Connection: close" in head, head
+        assert json.loads(error)["error"]["code"] == "body_timeout", error
+        missing = await get(session, node, "/commands/" + keys[name])
+        assert missing.status == 404, missing.body
+    assert replies["trickled"][0].startswith(b"HTTP/1.1 201 "), replies["trickled"]
+    assert elapsed_s < timeout_s * 2.5 + 4
+
+
 # POST /commands: which error wins
 
 

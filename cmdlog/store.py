@@ -588,7 +588,17 @@ class Store:
         new = self._dbs["id_hashes"]
 
         def move_chunk(txn: Txn) -> bool:
-            after: bytes | None = txn.meta_get("upgrade_ids_after")
+            # The progress records the log's last seq too. A format-1 release
+            # run on the store between two upgrade runs adds IDs to `ids`
+            # behind the point reached, and appends to the log whenever it
+            # does, so a changed last seq makes the move start over.
+            last_seq = txn.log_last_seq()
+            after: bytes | None = None
+            progress = txn.meta_get("upgrade_ids_after")
+            if progress is not None and progress[1] == last_seq:
+                after = progress[0]
+            elif progress is not None:
+                txn.raw.drop(new, delete=False)
             cursor = txn.raw.cursor(db=old)
             found = cursor.set_range(after) if after is not None else cursor.first()
             if found and cursor.key() == after:
@@ -601,7 +611,7 @@ class Store:
                 after, moved = raw_id, moved + 1
                 found = cursor.next()
             if found:
-                txn.meta_put("upgrade_ids_after", after)
+                txn.meta_put("upgrade_ids_after", [after, last_seq])
                 return False
             txn.raw.drop(old, delete=True)
             txn.raw.delete(b"upgrade_ids_after", db=self._dbs["meta"])

@@ -457,7 +457,8 @@ class Store:
     """An LMDB environment holding one node's log, indexes and state.
 
     A writable store holds the data directory's `DirectoryLock` until
-    `close`; a read-only one takes no lock.
+    `close`; a read-only one takes no lock. A writable store upgrades a store
+    of an older format in place, unless `upgrade` is False.
     """
 
     def __init__(
@@ -467,6 +468,7 @@ class Store:
         config: StoreConfig | None = None,
         *,
         readonly: bool = False,
+        upgrade: bool = True,
     ) -> None:
         self.path = Path(path)
         self.config = config or StoreConfig()
@@ -480,13 +482,13 @@ class Store:
         else:
             require_store(self.path)
         try:
-            self._open(readonly=readonly)
+            self._open(readonly=readonly, upgrade=upgrade)
         except BaseException:
             if self._lock is not None:
                 self._lock.release()
             raise
 
-    def _open(self, *, readonly: bool) -> None:
+    def _open(self, *, readonly: bool, upgrade: bool) -> None:
         map_bytes = self.config.map_bytes_initial
         data_file = self.path / "data.mdb"
         if data_file.exists():
@@ -523,7 +525,7 @@ class Store:
         for domain in self.domains:
             self._open_state_db(domain, create=not readonly)
         try:
-            self._check_format(readonly=readonly)
+            self._check_format(readonly=readonly, upgrade=upgrade)
         except BaseException:
             self.env.close()
             raise
@@ -541,13 +543,13 @@ class Store:
     def state_db(self, domain: str) -> Any:
         return self._state_dbs[domain]
 
-    def _check_format(self, *, readonly: bool) -> None:
+    def _check_format(self, *, readonly: bool, upgrade: bool) -> None:
         with self.read() as txn:
             version = txn.meta_get("format_version")
         if version is None and not readonly:
             self.write(lambda txn: txn.meta_put("format_version", FORMAT_VERSION))
             return
-        if version in _UPGRADES and not readonly:
+        if version in _UPGRADES and not readonly and upgrade:
             self._upgrade(version)
             return
         if version in _UPGRADES:

@@ -20,6 +20,7 @@ from structlog.testing import LogCapture
 
 from cmdlog import codec, store
 from cmdlog.apps.example import app
+from cmdlog.cli import main
 from cmdlog.config import FORMAT_VERSION
 from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
@@ -165,7 +166,7 @@ def test_upgrade_restarts_after_v1_writes(
         return stored
 
     with monkeypatch.context() as v1:
-        v1.setattr(Store, "_check_format", lambda self, *, readonly: None)
+        v1.setattr(Store, "_check_format", lambda self, **_flags: None)
         v1.setattr(store.Txn, "id_get", v1_id_get)
         v1.setattr(store.Txn, "id_put", v1_id_put)
         db = Database(v1_dir, app)
@@ -192,6 +193,17 @@ def test_read_only_open_of_v1_names_the_fix(v1_dir: Path) -> None:
         Store(v1_dir, list(app.domains), readonly=True)
     assert "version 1" in raised.value.message
     assert "cmdlog serve" in raised.value.message
+
+
+@pytest.mark.parametrize("command", ["identity", "peers"])
+def test_cli_leaves_v1_store_as_is(
+    v1_dir: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Commands on a stopped node's directory do not upgrade it, because the
+    upgrade cannot be undone; they exit 2 and name `cmdlog serve`."""
+    assert main([command, "--data", str(v1_dir)]) == 2
+    assert "cmdlog serve" in capsys.readouterr().err
+    assert _raw_meta(v1_dir, "format_version")[0] == 1
 
 
 def test_index_keys_are_id_hashes(tmp_path: Path) -> None:

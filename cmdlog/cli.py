@@ -71,7 +71,7 @@ def _open_stopped_node(data_dir: str) -> Store:
     """Open the existing data directory of a stopped node for writing.
 
     Raises `StartupError` if it contains no cmdlog data, or if a running
-    process has its lock.
+    process has its lock, and `VersionMismatch` if its format is older.
     """
     from pathlib import Path
 
@@ -82,8 +82,9 @@ def _open_stopped_node(data_dir: str) -> Store:
     require_store(Path(data_dir))
     # A writable store takes the directory's lock, so this fails with an
     # error next to a live node: it would keep the node ID it read at its
-    # start and write its peer records back.
-    return Store(data_dir, [])
+    # start and write its peer records back. Only `cmdlog serve` upgrades a
+    # store of an older format, because the upgrade cannot be undone.
+    return Store(data_dir, [], upgrade=False)
 
 
 def _peers(args: argparse.Namespace) -> int:

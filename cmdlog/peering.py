@@ -80,6 +80,12 @@ class CommitSignal:
         self._loop.call_soon_threadsafe(self.fire)
 
 
+PEER_URL_BYTES_MAX = 511
+"""Maximum UTF-8 length of a peer URL. The `peers` database is keyed by the
+URL, and LMDB rejects a key over 511 bytes (`max_key_size()` in py-lmdb 3.0),
+which fails the whole group commit, other clients' writes included."""
+
+
 def normalize_url(url: str) -> str:
     """Return a peer URL without trailing slash; raise InvalidArgument if unusable."""
     try:
@@ -98,9 +104,15 @@ def normalize_url(url: str) -> str:
             "peer URL carries a user name or password; remove it and give "
             "nodes the peer token with --peer-token-file"
         )
-    return urllib.parse.urlunsplit(
+    normalized = urllib.parse.urlunsplit(
         (parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", "")
     )
+    if len(normalized.encode()) > PEER_URL_BYTES_MAX:
+        raise InvalidArgument(
+            f"peer URL {url[:80]!r}... has {len(normalized.encode())} bytes; the "
+            f"limit is {PEER_URL_BYTES_MAX}, so use a shorter host name or path"
+        )
+    return normalized
 
 
 async def serve_stream(

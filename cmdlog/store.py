@@ -16,11 +16,12 @@ Named databases, each with its key and value layout:
 - `pending`: order key -> `[seq, reason]` for stored commands not folded yet.
 - `undo`: order key -> previous values of the state keys that command wrote,
   kept for the most recent folded commands only.
-- `conflicts`: command ID, NUL, order key, fingerprint -> `[seq,
-  fingerprint]` of a copy whose fingerprint differs from the folded one.
-- `superseded`: command ID, NUL, order key, fingerprint -> empty, for every
-  copy of an ID that lost to another copy, so a copy that comes round again
-  is recognised and not stored or forwarded twice.
+- `conflicts`: `copy_key` (command ID, NUL, order key, fingerprint) ->
+  `[seq, fingerprint]` of a copy whose fingerprint differs from the folded
+  one.
+- `superseded`: `copy_key` -> empty, for every copy of an ID that lost to
+  another copy, so a copy that comes round again is recognised and not
+  stored or forwarded twice.
 - `peers`: peer URL -> replication cursor and identity.
 - `sources`: last sequence number of a run of log entries (8 bytes,
   big-endian) -> `[first seq, node, boot]`: the run holds copies received
@@ -71,6 +72,8 @@ _CORE_DBS = (
 _ADDED_DBS = frozenset({"sources", "id_hashes"})
 """Databases that a store written by an older release may lack."""
 ID_HASH_BYTES = 16
+KEY_BYTES_MAX = 511
+"""LMDB's limit on a key (`max_key_size()` in py-lmdb 3.0)."""
 _UPGRADE_CHUNK_ENTRIES = 50_000
 """Entries an upgrade moves per write transaction."""
 _STATE_PREFIX = "state."
@@ -119,6 +122,22 @@ def id_hash(command_id: str) -> bytes:
 
 def _id_hash_bytes(raw_id: bytes) -> bytes:
     return hashlib.blake2b(raw_id, digest_size=ID_HASH_BYTES).digest()
+
+
+def copy_key(command_id: str, key: bytes, fingerprint: bytes) -> bytes:
+    """Return the `conflicts` and `superseded` key of one copy of a command.
+
+    The key is the ID, NUL, the order key (which repeats the ID) and the
+    fingerprint. When that is over LMDB's key size limit (an ID of 235
+    characters from an origin of 16 digits makes 512 bytes), the key is NUL
+    and 32 bytes of BLAKE2b of it instead. IDs start with a printable
+    character, so the two forms never meet, and no store holds a key over
+    the limit from before.
+    """
+    copy = command_id.encode() + b"\x00" + key + fingerprint
+    if len(copy) <= KEY_BYTES_MAX:
+        return copy
+    return b"\x00" + hashlib.blake2b(copy, digest_size=32).digest()
 
 
 class _ReadGate:
@@ -314,7 +333,7 @@ class Txn:
         """Record a conflicting copy; return False when it was already recorded."""
         return bool(
             self.raw.put(
-                command_id.encode() + b"\x00" + key + fingerprint,
+                copy_key(command_id, key, fingerprint),
                 codec.pack([seq, fingerprint]),
                 db=self._dbs["conflicts"],
                 overwrite=False,
@@ -322,11 +341,11 @@ class Txn:
         )
 
     def superseded_put(self, command_id: str, key: bytes, fingerprint: bytes) -> None:
-        copy = command_id.encode() + b"\x00" + key + fingerprint
+        copy = copy_key(command_id, key, fingerprint)
         self.raw.put(copy, b"", db=self._dbs["superseded"])
 
     def superseded_has(self, command_id: str, key: bytes, fingerprint: bytes) -> bool:
-        copy = command_id.encode() + b"\x00" + key + fingerprint
+        copy = copy_key(command_id, key, fingerprint)
         return self.raw.get(copy, db=self._dbs["superseded"]) is not None
 
     # peers
@@ -457,7 +476,8 @@ class Store:
     """An LMDB environment holding one node's log, indexes and state.
 
     A writable store holds the data directory's `DirectoryLock` until
-    `close`; a read-only one takes no lock.
+    `close`; a read-only one takes no lock. A writable store upgrades a store
+    of an older format in place, unless `upgrade` is False.
     """
 
     def __init__(
@@ -467,6 +487,7 @@ class Store:
         config: StoreConfig | None = None,
         *,
         readonly: bool = False,
+        upgrade: bool = True,
     ) -> None:
         self.path = Path(path)
         self.config = config or StoreConfig()
@@ -480,13 +501,13 @@ class Store:
         else:
             require_store(self.path)
         try:
-            self._open(readonly=readonly)
+            self._open(readonly=readonly, upgrade=upgrade)
         except BaseException:
             if self._lock is not None:
                 self._lock.release()
             raise
 
-    def _open(self, *, readonly: bool) -> None:
+    def _open(self, *, readonly: bool, upgrade: bool) -> None:
         map_bytes = self.config.map_bytes_initial
         data_file = self.path / "data.mdb"
         if data_file.exists():
@@ -523,7 +544,7 @@ class Store:
         for domain in self.domains:
             self._open_state_db(domain, create=not readonly)
         try:
-            self._check_format(readonly=readonly)
+            self._check_format(readonly=readonly, upgrade=upgrade)
         except BaseException:
             self.env.close()
             raise
@@ -541,13 +562,13 @@ class Store:
     def state_db(self, domain: str) -> Any:
         return self._state_dbs[domain]
 
-    def _check_format(self, *, readonly: bool) -> None:
+    def _check_format(self, *, readonly: bool, upgrade: bool) -> None:
         with self.read() as txn:
             version = txn.meta_get("format_version")
         if version is None and not readonly:
             self.write(lambda txn: txn.meta_put("format_version", FORMAT_VERSION))
             return
-        if version in _UPGRADES and not readonly:
+        if version in _UPGRADES and not readonly and upgrade:
             self._upgrade(version)
             return
         if version in _UPGRADES:
@@ -588,7 +609,17 @@ class Store:
         new = self._dbs["id_hashes"]
 
         def move_chunk(txn: Txn) -> bool:
-            after: bytes | None = txn.meta_get("upgrade_ids_after")
+            # The progress records the log's last seq too. A format-1 release
+            # run on the store between two upgrade runs adds IDs to `ids`
+            # behind the point reached, and appends to the log whenever it
+            # does, so a changed last seq makes the move start over.
+            last_seq = txn.log_last_seq()
+            after: bytes | None = None
+            progress = txn.meta_get("upgrade_ids_after")
+            if progress is not None and progress[1] == last_seq:
+                after = progress[0]
+            elif progress is not None:
+                txn.raw.drop(new, delete=False)
             cursor = txn.raw.cursor(db=old)
             found = cursor.set_range(after) if after is not None else cursor.first()
             if found and cursor.key() == after:
@@ -601,7 +632,7 @@ class Store:
                 after, moved = raw_id, moved + 1
                 found = cursor.next()
             if found:
-                txn.meta_put("upgrade_ids_after", after)
+                txn.meta_put("upgrade_ids_after", [after, last_seq])
                 return False
             txn.raw.drop(old, delete=True)
             txn.raw.delete(b"upgrade_ids_after", db=self._dbs["meta"])

@@ -25,6 +25,7 @@ from cmdlog.fold import StateOverlay
 from cmdlog.hlc import LOGICAL_BITS
 from cmdlog.model import APPLIED, PENDING, REJECTED, Command, order_key
 from cmdlog.replay import replay
+from cmdlog.replication import ID_CHARS_MAX
 from cmdlog.store import Store
 from tests.conftest import fast_store
 
@@ -339,6 +340,36 @@ def test_conflicting_copy_recorded_not_applied(scratch: Path) -> None:
     with db.store.read() as txn:
         assert txn.count("conflicts") == 1
     db.close()
+
+
+def test_copies_of_longest_id_kept(scratch: Path) -> None:
+    """Copies of an ID of the most characters a peer may send, with the
+    longest origin, are superseded and recorded as conflicts like any other:
+    their records' keys stay within LMDB's key size."""
+    long_id = "k" * ID_CHARS_MAX
+    origins = ["e" * 64, "d" * 64, "f" * 64]
+    db = open_db(scratch)
+    db.ingest(
+        [Command("o", "ledger.open", {"account": "a0", "currency": "EUR"}, 10, "n1")]
+    )
+    deposit = {"account": "a0", "amount": 5}
+    db.ingest([Command(long_id, "ledger.deposit", deposit, 30, origins[0])])
+
+    earlier = db.ingest([Command(long_id, "ledger.deposit", deposit, 20, origins[1])])
+    other = {"account": "a0", "amount": 7}
+    conflicting = db.ingest([Command(long_id, "ledger.deposit", other, 40, origins[2])])
+    again = db.ingest([Command(long_id, "ledger.deposit", deposit, 30, origins[0])])
+
+    assert earlier.replaced == 1
+    assert conflicting.conflicts == [long_id]
+    assert again.duplicates == 1
+    viewed = db.view(long_id)
+    assert viewed is not None
+    assert viewed[0].origin == origins[1]
+    assert db.query("ledger.balance", {"account": "a0"})["balance"] == 5
+    assert db.status().conflicts == 1
+    db.close()
+    assert replay(scratch, APP).matches
 
 
 def test_unknown_type_held_pending(scratch: Path) -> None:

@@ -702,12 +702,19 @@ def test_fuzz_replicate_arguments(api_node: NodeProcess, query: dict[str, str]) 
 
 @pytest.mark.parametrize(
     "query",
-    ["after=%C2%B2", "version=%C2%B2", "after=" + "9" * 5000, "announce=http://%5B"],
+    [
+        "after=%C2%B2",
+        "version=%C2%B2",
+        "after=" + "9" * 5000,
+        "announce=http://%5B",
+        "announce=http://" + "a" * 600 + ":1",
+    ],
     ids=[
         "superscript-after",
         "superscript-version",
         "5000-digit-after",
         "bad-announce",
+        "600-character-announce",
     ],
 )
 def test_replicate_bad_argument_rejected(api_node: NodeProcess, query: str) -> None:

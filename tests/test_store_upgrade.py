@@ -20,6 +20,7 @@ from structlog.testing import LogCapture
 
 from cmdlog import codec, store
 from cmdlog.apps.example import app
+from cmdlog.cli import main
 from cmdlog.config import FORMAT_VERSION
 from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
@@ -100,11 +101,9 @@ def test_v1_store_upgrades_in_place(
     assert replay(v1_dir, app).matches
 
 
-def test_upgrade_cut_short_goes_on(
-    v1_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An upgrade that stops between its commits, as after a crash, leaves
-    format 1 with its progress recorded; the next open finishes it."""
+def _cut_upgrade_short(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open the store of `path` for an upgrade that stops, as after a crash,
+    once two commits of two IDs each have moved."""
     monkeypatch.setattr(store, "_UPGRADE_CHUNK_ENTRIES", 2)
     real_write = Store.write
     commits = 0
@@ -118,8 +117,16 @@ def test_upgrade_cut_short_goes_on(
 
     monkeypatch.setattr(Store, "write", failing_write)
     with pytest.raises(OSError, match="simulated crash"):
-        Store(v1_dir, list(app.domains))
+        Store(path, list(app.domains))
     monkeypatch.setattr(Store, "write", real_write)
+
+
+def test_upgrade_cut_short_goes_on(
+    v1_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that stops between its commits, as after a crash, leaves
+    format 1 with its progress recorded; the next open finishes it."""
+    _cut_upgrade_short(v1_dir, monkeypatch)
 
     version, _names = _raw_meta(v1_dir, "format_version")
     after, _names = _raw_meta(v1_dir, "upgrade_ids_after")
@@ -130,6 +137,55 @@ def test_upgrade_cut_short_goes_on(
     assert _raw_meta(v1_dir, "upgrade_ids_after")[0] is None
 
 
+def test_upgrade_restarts_after_v1_writes(
+    v1_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose upgrade was cut short is still format 1, so the older
+    release runs on it after a rollback, and puts new IDs into `ids` behind
+    the point the upgrade reached. The next upgrade moves those too: the
+    command is found, and its retry takes no effect a second time."""
+    _cut_upgrade_short(v1_dir, monkeypatch)
+    deposit = ("a-v1", "ledger.deposit", {"account": "a", "amount": 1})
+
+    # Emulate the older release: it skips the upgrade and writes the format-1
+    # ID index. The upgrade reads only the seq of each entry.
+    def v1_ids(txn: store.Txn) -> Any:
+        return txn._store.env.open_db(b"ids", txn=txn.raw, create=False)
+
+    def v1_id_get(txn: store.Txn, command_id: str) -> int | None:
+        data = txn.raw.get(command_id.encode(), db=v1_ids(txn))
+        return None if data is None else int(codec.unpack(data)[0])
+
+    def v1_id_put(
+        txn: store.Txn, command_id: str, seq: int, *, overwrite: bool = True
+    ) -> bool:
+        value = codec.pack([seq, b"", 0, ""])
+        stored: bool = txn.raw.put(
+            command_id.encode(), value, db=v1_ids(txn), overwrite=overwrite
+        )
+        return stored
+
+    with monkeypatch.context() as v1:
+        v1.setattr(Store, "_check_format", lambda self, **_flags: None)
+        v1.setattr(store.Txn, "id_get", v1_id_get)
+        v1.setattr(store.Txn, "id_put", v1_id_put)
+        db = Database(v1_dir, app)
+        try:
+            assert db.submit([prepare_submission(app, *deposit)])[0].created
+        finally:
+            db.close()
+    assert _raw_meta(v1_dir, "format_version")[0] == 1
+
+    db = Database(v1_dir, app)
+    try:
+        assert db.view("a-v1") is not None
+        assert not db.submit([prepare_submission(app, *deposit)])[0].created
+        assert db.status().commands == _expected()["status"]["commands"] + 1
+    finally:
+        db.close()
+    assert replay(v1_dir, app).matches
+
+
 def test_read_only_open_of_v1_names_the_fix(v1_dir: Path) -> None:
     """A read-only open (replay, status of a stopped node) cannot upgrade; it
     says how to."""
@@ -137,6 +193,17 @@ def test_read_only_open_of_v1_names_the_fix(v1_dir: Path) -> None:
         Store(v1_dir, list(app.domains), readonly=True)
     assert "version 1" in raised.value.message
     assert "cmdlog serve" in raised.value.message
+
+
+@pytest.mark.parametrize("command", ["identity", "peers"])
+def test_cli_leaves_v1_store_as_is(
+    v1_dir: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Commands on a stopped node's directory do not upgrade it, because the
+    upgrade cannot be undone; they exit 2 and name `cmdlog serve`."""
+    assert main([command, "--data", str(v1_dir)]) == 2
+    assert "cmdlog serve" in capsys.readouterr().err
+    assert _raw_meta(v1_dir, "format_version")[0] == 1
 
 
 def test_index_keys_are_id_hashes(tmp_path: Path) -> None:

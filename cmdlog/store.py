@@ -616,7 +616,7 @@ class Store:
             last_seq = txn.log_last_seq()
             after: bytes | None = None
             progress = txn.meta_get("upgrade_ids_after")
-            if progress is not None and progress[1] == last_seq:
+            if isinstance(progress, list) and progress[1] == last_seq:
                 after = progress[0]
             elif progress is not None:
                 txn.raw.drop(new, delete=False)

@@ -213,7 +213,7 @@ def _render_pages(rounds: list[Round]) -> str:
         ]
         for t in trees
     ]
-    ids = next(t for t in trees if t["db"] == "id_hashes")
+    ids = next(t for t in trees if t["db"] == "id_seqs")
     state = next(t for t in trees if t["db"] == "state.ledger")
     charges = int(BATCH_COMMANDS * (1 - DEPOSIT_SHARE))
     ids_hit = distinct_leaves_expected(ids["leaf_pages"], BATCH_COMMANDS)
@@ -254,7 +254,7 @@ def _render_pages(rounds: list[Round]) -> str:
                 tree_rows,
             ),
             "",
-            f"With L = {ids['leaf_pages']:,} leaves in `id_hashes`, {BATCH_COMMANDS:,} "
+            f"With L = {ids['leaf_pages']:,} leaves in `id_seqs`, {BATCH_COMMANDS:,} "
             "uniformly random keys are expected to land on "
             f"L·(1 − (1 − 1/L)^{BATCH_COMMANDS}) ≈ {ids_hit:,.0f} distinct leaves. "
             f"In `state.ledger` (L = {state['leaf_pages']:,}), the {charges} "

@@ -4,8 +4,8 @@
 for them (read from `cmdlog/engine.py` and `cmdlog/store.py`), per command:
 
 - `log`: one append under the next sequence number (8 bytes, big-endian);
-- `id_hashes`: one put under the hash of the command's UUID key, which
-  lands on a random leaf;
+- `id_seqs`: one put under the command's UUID key, which lands on a
+  random leaf;
 - `folded` and `undo`: one put each under the order key (stamp, origin,
   ID), which grows with the stamp, so both are appends in effect;
 - `state.ledger`: one put under `charge/<UUID>` (random) for a charge, and
@@ -45,12 +45,12 @@ from cmdlog import codec
 from cmdlog.config import StoreConfig
 from cmdlog.hlc import LOGICAL_BITS, wall_ms
 from cmdlog.model import APPLIED, order_key
-from cmdlog.store import Store, id_hash, seq_key
+from cmdlog.store import Store, seq_key
 
 PAGE_BYTES = 4096
 RAW_ORIGIN = "0123456789abcdef"
 """A node ID of the same shape as cmdlog's: 16 hex digits."""
-DATABASES = ("log", "id_hashes", "folded", "undo", "state.ledger")
+DATABASES = ("log", "id_seqs", "folded", "undo", "state.ledger")
 FSYNC_WRITES_MAX = 2_000
 FSYNC_SECONDS_MAX = 3.0
 
@@ -80,7 +80,7 @@ class RawWorkload:
             self.stamp += 1
             record = codec.pack([key, type_name, payload, self.stamp, RAW_ORIGIN])
             log_and_ids.append(("log", seq_key(self.seq), record))
-            log_and_ids.append(("id_hashes", id_hash(key), seq_key(self.seq)))
+            log_and_ids.append(("id_seqs", key.encode(), seq_key(self.seq)))
 
             account = payload["account"]
             index = int(account.removeprefix("acct-"))

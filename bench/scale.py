@@ -2,7 +2,7 @@
 
 The target: with 10,000,000 commands stored, appends run at no less than
 80% of the empty-store rate. The dedupe lookup of each Idempotency-Key
-must not slow down as the ID index (`id_hashes`) grows.
+must not slow down as the ID index (`id_seqs`) grows.
 
 1. Fill: one data directory gets N commands through `Database.submit`, the
    workload of `bench.core` (1,000 `ledger.open`, then deposits and charges
@@ -766,8 +766,8 @@ def render_summary(results: dict[str, Any]) -> str:
         _row(results, "pages dirtied per commit", _pages),
         _row(
             results,
-            "`id_hashes` depth after the run",
-            _tree_field("id_hashes", "depth"),
+            "`id_seqs` depth after the run",
+            _tree_field("id_seqs", "depth"),
         ),
         _row(results, "µs per ID lookup of a new key", _lookup_us("new_us"), "{:.2f}"),
     ]
@@ -811,7 +811,7 @@ def render_summary(results: dict[str, Any]) -> str:
 def render_diagnosis(results: dict[str, Any]) -> str:
     """Tabulate where the two stores differ: trees, pages, sync, lookups."""
     rows = []
-    for name, random_puts in (("id_hashes", BATCH_COMMANDS), ("state.ledger", CHARGES)):
+    for name, random_puts in (("id_seqs", BATCH_COMMANDS), ("state.ledger", CHARGES)):
         rows += [
             _row(results, f"`{name}` depth", _tree_field(name, "depth")),
             _row(results, f"`{name}` branch pages", _tree_field(name, "branch_pages")),

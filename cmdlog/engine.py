@@ -621,7 +621,7 @@ class Engine:
             type_name = txn.log_get(seq)[1]
             pending_types[type_name] = pending_types.get(type_name, 0) + 1
         return Status(
-            commands=txn.count("id_hashes"),
+            commands=txn.count("id_seqs"),
             applied=txn.count("folded"),
             pending=txn.count("pending"),
             log_entries=txn.log_last_seq(),

@@ -6,10 +6,11 @@ Named databases, each with its key and value layout:
   next sequence number, digests).
 - `log`: local sequence number (8 bytes, big-endian) -> command record, in
   local append order. Append-only.
-- `id_hashes`: `id_hash(command ID)` (16 bytes) -> seq (8 bytes, big-endian)
-  of the copy the node folds (the one that sorts first in canonical order).
-  The command itself is in the log entry at seq. The keys are random, so
-  each new ID rewrites a leaf page, and small entries keep the tree small.
+- `id_seqs`: command ID -> seq (8 bytes, big-endian) of the copy the node
+  folds (the one that sorts first in canonical order). The command itself
+  is in the log entry at seq. Random IDs (UUID4 keys) land on random leaves,
+  so each new one rewrites a leaf page, and small entries keep that tree
+  small. IDs that grow in order (counters, UUID7) land on the last leaves.
 - `folded`: order key -> seq (8 bytes) followed by the packed outcome
   `[status, result, reason]`, for every command in the fold; iterating it
   is iterating the fold order.
@@ -66,12 +67,11 @@ log = structlog.get_logger(__name__)
 
 SEQ_BYTES = 8
 _CORE_DBS = (
-    "meta", "log", "id_hashes", "folded", "pending", "undo", "conflicts", "superseded",
+    "meta", "log", "id_seqs", "folded", "pending", "undo", "conflicts", "superseded",
     "peers", "catalog", "sources",
 )  # fmt: skip
-_ADDED_DBS = frozenset({"sources", "id_hashes"})
+_ADDED_DBS = frozenset({"sources", "id_seqs"})
 """Databases that a store written by an older release may lack."""
-ID_HASH_BYTES = 16
 KEY_BYTES_MAX = 511
 """LMDB's limit on a key (`max_key_size()` in py-lmdb 3.0)."""
 _UPGRADE_CHUNK_ENTRIES = 50_000
@@ -109,19 +109,6 @@ def require_store(path: Path) -> None:
 
 def seq_key(seq: int) -> bytes:
     return seq.to_bytes(SEQ_BYTES, "big")
-
-
-def id_hash(command_id: str) -> bytes:
-    """Return the `id_hashes` key of a command ID: 16 bytes of BLAKE2b.
-
-    A fixed 16-byte key keeps index entries small whatever the ID's length.
-    Finding two IDs with the same hash is computationally infeasible.
-    """
-    return _id_hash_bytes(command_id.encode())
-
-
-def _id_hash_bytes(raw_id: bytes) -> bytes:
-    return hashlib.blake2b(raw_id, digest_size=ID_HASH_BYTES).digest()
 
 
 def copy_key(command_id: str, key: bytes, fingerprint: bytes) -> bytes:
@@ -236,7 +223,7 @@ class Txn:
 
     def id_get(self, command_id: str) -> int | None:
         """Return the log sequence number of the ID's folded copy, or None."""
-        data = self.raw.get(id_hash(command_id), db=self._dbs["id_hashes"])
+        data = self.raw.get(command_id.encode(), db=self._dbs["id_seqs"])
         return None if data is None else int.from_bytes(data, "big")
 
     def id_put(self, command_id: str, seq: int, *, overwrite: bool = True) -> bool:
@@ -247,9 +234,9 @@ class Txn:
         costs one tree descent, where a get and then a put cost two.
         """
         stored: bool = self.raw.put(
-            id_hash(command_id),
+            command_id.encode(),
             seq.to_bytes(SEQ_BYTES, "big"),
-            db=self._dbs["id_hashes"],
+            db=self._dbs["id_seqs"],
             overwrite=overwrite,
         )
         return stored
@@ -604,9 +591,9 @@ class Store:
 
     def _upgrade_ids_to_hashes(self) -> None:
         """Format 1 to 2: move `ids` (command ID -> `[seq, fingerprint,
-        stamp, origin]`) to `id_hashes` (ID hash -> seq), then drop `ids`."""
+        stamp, origin]`) to `id_seqs` (command ID -> seq), then drop `ids`."""
         old = self.env.open_db(b"ids", create=False)
-        new = self._dbs["id_hashes"]
+        new = self._dbs["id_seqs"]
 
         def move_chunk(txn: Txn) -> bool:
             # The progress records the log's last seq too. A format-1 release
@@ -628,7 +615,10 @@ class Store:
             while found and moved < _UPGRADE_CHUNK_ENTRIES:
                 raw_id, value = cursor.item()
                 seq = codec.unpack(value)[0]
-                txn.raw.put(_id_hash_bytes(raw_id), seq_key(seq), db=new)
+                # `ids` yields its keys in order, and `id_seqs` holds only
+                # keys before them, so every put is an append.
+                appended = txn.raw.put(raw_id, seq_key(seq), db=new, append=True)
+                assert appended, f"upgrade met ID {raw_id!r} out of order"
                 after, moved = raw_id, moved + 1
                 found = cursor.next()
             if found:

@@ -26,7 +26,7 @@ from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
 from cmdlog.errors import VersionMismatch
 from cmdlog.replay import replay
-from cmdlog.store import Store, id_hash
+from cmdlog.store import Store
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -97,7 +97,7 @@ def test_v1_store_upgrades_in_place(
 
     version, names = _raw_meta(v1_dir, "format_version")
     assert version == FORMAT_VERSION == 2
-    assert b"ids" not in names and b"id_hashes" in names
+    assert b"ids" not in names and b"id_seqs" in names
     assert replay(v1_dir, app).matches
 
 
@@ -206,9 +206,9 @@ def test_cli_leaves_v1_store_as_is(
     assert _raw_meta(v1_dir, "format_version")[0] == 1
 
 
-def test_index_keys_are_id_hashes(tmp_path: Path) -> None:
-    """The ID index holds 16-byte hashes of the IDs and 8-byte sequence
-    numbers, whatever the IDs' length."""
+def test_index_maps_ids_to_seqs(tmp_path: Path) -> None:
+    """The ID index maps each ID, as UTF-8, to its 8-byte sequence number
+    and nothing else, whatever the ID's length."""
     long_id = "k" * 200
     db = Database(tmp_path, app)
     try:
@@ -221,10 +221,10 @@ def test_index_keys_are_id_hashes(tmp_path: Path) -> None:
             ]
         )
         with db.store.read() as txn:
-            cursor = txn.raw.cursor(db=db.store._dbs["id_hashes"])
+            cursor = txn.raw.cursor(db=db.store._dbs["id_seqs"])
             entries = dict(cursor.iternext())
     finally:
         db.close()
-    assert set(entries) == {id_hash("short"), id_hash(long_id)}
+    assert set(entries) == {b"short", long_id.encode()}
     assert {len(value) for value in entries.values()} == {8}
     assert sorted(int.from_bytes(v, "big") for v in entries.values()) == [1, 2]

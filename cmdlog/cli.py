@@ -237,8 +237,8 @@ def _node_url(name: str, url: str) -> str:
         return normalize_url(url)
     except InvalidArgument as exc:
         raise StartupError(
-            f"{name} {url!r} is not an http:// or https:// URL with a host and a "
-            "valid port; pass a node's base URL, for example http://10.0.0.5:7001"
+            f"{name}: {exc.message}; pass a node's base URL, for example "
+            "http://10.0.0.5:7001"
         ) from exc
 
 

@@ -141,16 +141,28 @@ def test_advertise_not_url_rejected(tmp_path: Path, source: str) -> None:
     result = run_cli(*serve_args(tmp_path, *extra), env=env)
     assert result.returncode == 2
     line = error_line(result)
-    assert "--advertise 'garbage'" in line
+    assert "--advertise: peer URL 'garbage'" in line
     assert "for example http://" in line
     assert not (tmp_path / "data").exists()
+
+
+def test_peer_url_too_long_rejected(tmp_path: Path) -> None:
+    """A --peer URL over LMDB's key size names the limit, and the error line
+    repeats only the start of the URL."""
+    url = "http://" + "a" * 600 + ":1"
+    result = run_cli(*serve_args(tmp_path, "--peer", url))
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "over the limit of 511" in line
+    assert "--peer: peer URL 'http://aaa" in line
+    assert len(line) < 400
 
 
 def test_peers_variable_named_in_error(tmp_path: Path) -> None:
     """An invalid entry of CMDLOG_PEERS is reported under that name, not --peer."""
     result = run_cli(*serve_args(tmp_path), env={"CMDLOG_PEERS": "127.0.0.1:9"})
     assert result.returncode == 2
-    assert "CMDLOG_PEERS '127.0.0.1:9'" in error_line(result)
+    assert "CMDLOG_PEERS: peer URL '127.0.0.1:9'" in error_line(result)
 
 
 # The data directory and CA files

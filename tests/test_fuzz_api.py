@@ -671,7 +671,9 @@ def test_fuzz_replicate_arguments(api_node: NodeProcess, query: dict[str, str]) 
         query["announce"] = api_node.url
     note(f"query: {query!r}")
     wait_streams_below(api_node, STREAMS_OPEN_MAX)
-    path = "/replicate?" + urllib.parse.urlencode(query)
+    # A lone surrogate that the strategies draw is sent as the bytes of its
+    # UTF-8-like encoding, which is not UTF-8: the node must reject those too.
+    path = "/replicate?" + urllib.parse.urlencode(query, errors="surrogatepass")
     connection = http.client.HTTPConnection(
         "127.0.0.1", api_node.port, timeout=REQUEST_TIMEOUT_S
     )
@@ -708,6 +710,7 @@ def test_fuzz_replicate_arguments(api_node: NodeProcess, query: dict[str, str]) 
         "after=" + "9" * 5000,
         "announce=http://%5B",
         "announce=http://" + "a" * 600 + ":1",
+        "announce=%ED%A0%80",
     ],
     ids=[
         "superscript-after",
@@ -715,6 +718,7 @@ def test_fuzz_replicate_arguments(api_node: NodeProcess, query: dict[str, str]) 
         "5000-digit-after",
         "bad-announce",
         "600-character-announce",
+        "surrogate-announce",
     ],
 )
 def test_replicate_bad_argument_rejected(api_node: NodeProcess, query: str) -> None:

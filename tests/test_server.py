@@ -66,7 +66,7 @@ def test_serve_exits_on_bad_peer_url(tmp_path: Path) -> None:
     """A --peer that is not an http(s) URL stops the node at startup."""
     failed = serve_failing(tmp_path, "--listen", "127.0.0.1:0", "--peer", "127.0.0.1:9")
     assert failed.returncode == 2
-    assert "cmdlog: --peer '127.0.0.1:9' is not an http://" in failed.stderr
+    assert "cmdlog: --peer: peer URL '127.0.0.1:9' is not an http://" in failed.stderr
 
 
 def test_serve_keeps_writing_after_log_pipe_closes(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ root. The store is made under the temp directory (set TMPDIR to move it).
 After the first 100,000 commands the fill estimates the disk the whole
 store needs, with a margin, and raises DiskSpaceError when the free space
 is short. On the 2-core machine measured (shared with other work), the
-10,000,000-command store took 4.7 GB and the full run 13 minutes. A quick
+10,000,000-command store took 4.1 GB and the full run 15 minutes. A quick
 run (300,000 stored) is a smoke test of the code, not of the target.
 """
 

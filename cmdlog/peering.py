@@ -92,16 +92,18 @@ URL_SHOWN_CHARS = 80
 
 def normalize_url(url: str) -> str:
     """Return a peer URL without trailing slash; raise InvalidArgument if unusable."""
-    shown = repr(url if len(url) <= URL_SHOWN_CHARS else url[:URL_SHOWN_CHARS] + "...")
+    quoted_url = repr(
+        url if len(url) <= URL_SHOWN_CHARS else url[:URL_SHOWN_CHARS] + "..."
+    )
     try:
         parsed = urllib.parse.urlsplit(url.strip())
         hostname = parsed.hostname
         parsed.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
-        raise InvalidArgument(f"peer URL {shown} is malformed: {exc}") from exc
+        raise InvalidArgument(f"peer URL {quoted_url} is malformed: {exc}") from exc
     if parsed.scheme not in ("http", "https") or not hostname:
         raise InvalidArgument(
-            f"peer URL {shown} is not an http:// or https:// URL with a host"
+            f"peer URL {quoted_url} is not an http:// or https:// URL with a host"
         )
     if parsed.username is not None or parsed.password is not None:
         # It would be stored, shown in /status and logged.
@@ -114,7 +116,7 @@ def normalize_url(url: str) -> str:
     )
     if len(normalized.encode()) > PEER_URL_BYTES_MAX:
         raise InvalidArgument(
-            f"peer URL {shown} has {len(normalized.encode())} bytes, over the "
+            f"peer URL {quoted_url} has {len(normalized.encode())} bytes, over the "
             f"limit of {PEER_URL_BYTES_MAX}; use a shorter host name or path"
         )
     return normalized

@@ -118,8 +118,8 @@ def copy_key(command_id: str, key: bytes, fingerprint: bytes) -> bytes:
     fingerprint. When that is over LMDB's key size limit (an ID of 235
     characters from an origin of 16 digits makes 512 bytes), the key is NUL
     and 32 bytes of BLAKE2b of it instead. IDs start with a printable
-    character, so the two forms never meet, and no store holds a key over
-    the limit from before.
+    character, so the two forms never meet, and no store contains a key
+    over the limit from before.
     """
     copy = command_id.encode() + b"\x00" + key + fingerprint
     if len(copy) <= KEY_BYTES_MAX:
@@ -589,7 +589,7 @@ class Store:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    def _upgrade_ids_to_hashes(self) -> None:
+    def _upgrade_ids_to_seqs(self) -> None:
         """Format 1 to 2: move `ids` (command ID -> `[seq, fingerprint,
         stamp, origin]`) to `id_seqs` (command ID -> seq), then drop `ids`."""
         old = self.env.open_db(b"ids", create=False)
@@ -607,6 +607,7 @@ class Store:
                 after = progress[0]
             elif progress is not None:
                 txn.raw.drop(new, delete=False)
+
             cursor = txn.raw.cursor(db=old)
             found = cursor.set_range(after) if after is not None else cursor.first()
             if found and cursor.key() == after:
@@ -615,12 +616,13 @@ class Store:
             while found and moved < _UPGRADE_CHUNK_ENTRIES:
                 raw_id, value = cursor.item()
                 seq = codec.unpack(value)[0]
-                # `ids` yields its keys in order, and `id_seqs` holds only
+                # `ids` yields its keys in order, and `id_seqs` contains only
                 # keys before them, so every put is an append.
                 appended = txn.raw.put(raw_id, seq_key(seq), db=new, append=True)
                 assert appended, f"upgrade met ID {raw_id!r} out of order"
                 after, moved = raw_id, moved + 1
                 found = cursor.next()
+
             if found:
                 txn.meta_put("upgrade_ids_after", [after, last_seq])
                 return False
@@ -719,6 +721,6 @@ def remove_store_files(path: Path) -> None:
 
 
 _UPGRADES: dict[int, Callable[[Store], None]] = {
-    1: Store._upgrade_ids_to_hashes,
+    1: Store._upgrade_ids_to_seqs,
 }
 """For each older format version, the step that writes the next version."""

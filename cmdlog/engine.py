@@ -265,6 +265,8 @@ class Engine:
         return answers
 
     def _key_reused(self, batch: _Batch, submission: Submission) -> KeyReused:
+        # The error path reads the log entry a second time, after `id_get`,
+        # which keeps the hot path free of a cache of stored commands.
         entry = batch.id_get(submission.id)
         assert entry is not None, f"ID {submission.id} is taken but not stored"
         stored = command_at(batch.txn, entry[0], submission.id)
@@ -634,13 +636,13 @@ class Engine:
 
 def command_at(txn: Txn, seq: int, command_id: str) -> Command:
     """Return the command at log entry `seq`, which the ID index gave for
-    `command_id`; raise `DataError` if the entry holds another ID."""
+    `command_id`; raise `DataError` if the entry contains another ID."""
     command = Command.from_record(txn.log_get(seq))
     if command.id != command_id:
         raise DataError(
-            f"the ID index points {command_id!r} at log entry {seq}, which holds "
-            f"{command.id!r}; the store is damaged: replay its log into a new "
-            "directory"
+            f"the ID index points {command_id!r} at log entry {seq}, which "
+            f"contains {command.id!r}, so the store is damaged; replay its log "
+            "into a new directory"
         )
     return command
 

@@ -159,9 +159,12 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def _version_error(version: tuple[int, int]) -> MalformedRequest:
-    named = "no HTTP version" if version < (1, 0) else f"HTTP/{version[0]}.{version[1]}"
+    if version < (1, 0):
+        version_text = "no HTTP version"
+    else:
+        version_text = f"HTTP/{version[0]}.{version[1]}"
     error = MalformedRequest(
-        f"the request line names {named}, and this node speaks HTTP/1.1 and "
+        f"the request line names {version_text}, and this node speaks HTTP/1.1 and "
         "HTTP/1.0 only, so nothing was recorded; start the request with a line "
         "such as 'POST /commands HTTP/1.1'"
     )

@@ -12,8 +12,8 @@ middleware (see `_http1_only`).
 
 NOTE: a chunked body that turns invalid after a handler has started to read
 it gets 408 once `--body-timeout-s` passes, not an immediate 400. aiohttp
-queues the parse error behind that request, so the handler's body read sees
-only a body that stopped arriving.
+queues the parse error behind that request, so for the handler's body read
+the body has only stopped arriving.
 """
 
 from __future__ import annotations

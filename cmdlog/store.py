@@ -575,7 +575,8 @@ class Store:
         """Bring a store of an older format up to `FORMAT_VERSION`.
 
         Each step commits in chunks and records how far it got, so an
-        upgrade cut short by a crash goes on where it stopped.
+        upgrade cut short by a crash goes on where it stopped, unless an
+        older release wrote to the store meanwhile (then the step restarts).
         """
         started = time.monotonic()
         log.info("store_upgrading", path=str(self.path), version=version)

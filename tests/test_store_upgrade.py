@@ -97,7 +97,8 @@ def test_v1_store_upgrades_in_place(
 
     version, names = _raw_meta(v1_dir, "format_version")
     assert version == FORMAT_VERSION == 2
-    assert b"ids" not in names and b"id_seqs" in names
+    assert b"ids" not in names
+    assert b"id_seqs" in names
     assert replay(v1_dir, app).matches
 
 
@@ -187,8 +188,8 @@ def test_upgrade_restarts_after_v1_writes(
 
 
 def test_read_only_open_of_v1_names_the_fix(v1_dir: Path) -> None:
-    """A read-only open (replay, status of a stopped node) cannot upgrade; it
-    says how to."""
+    """A read-only open (replay, status of a stopped node) cannot upgrade, so
+    its error names the command that does."""
     with pytest.raises(VersionMismatch) as raised:
         Store(v1_dir, list(app.domains), readonly=True)
     assert "version 1" in raised.value.message

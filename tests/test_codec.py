@@ -209,6 +209,60 @@ def test_round_trip(value: Any) -> None:
     assert codec.pack(decoded) == data
 
 
+# Any value msgpack can encode, not only the JSON model: bytes, extension
+# types, timestamps and maps with integer or bytes keys as well.
+msgpack_scalars = st.one_of(
+    json_scalars,
+    st.binary(max_size=8),
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)),
+    st.builds(msgpack.Timestamp, st.integers(0, 2**34 - 1), st.integers(0, 10**9 - 1)),
+)
+msgpack_values = st.recursive(
+    msgpack_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.one_of(st.text(max_size=4), st.integers(0, 9), st.binary(max_size=4)),
+            children,
+            max_size=4,
+        ),
+    ),
+    max_leaves=20,
+)
+
+
+def decode_or_failure(decode: Any, data: bytes) -> str:
+    """Return the repr of what `decode` gives for `data`, or 'failed'."""
+    try:
+        return repr(decode(data))
+    except Exception:
+        return "failed"
+
+
+@given(st.one_of(msgpack_values.map(codec.pack), st.binary(max_size=40)))
+def test_unpack_decodes_as_the_listed_options(data: bytes) -> None:
+    """unpack leaves the options that are msgpack's defaults out, and decodes
+    every input, valid or not, exactly as the full option set does."""
+
+    def with_all_options(raw: bytes) -> Any:
+        return msgpack.unpackb(raw, **codec._unpacker_options)
+
+    assert decode_or_failure(codec.unpack, data) == decode_or_failure(
+        with_all_options, data
+    )
+
+
+def test_unpack_options_left_out_are_defaults() -> None:
+    """Each option unpack leaves out behaves as `_unpacker_options` sets it."""
+    assert set(codec._unpacker_options) - {"ext_hook"} == codec._OPTIONS_AT_DEFAULTS
+    assert codec.unpack(codec.pack("a")) == "a"  # raw=False
+    assert type(codec.unpack(codec.pack((1,)))) is list  # use_list=True
+    with pytest.raises(MalformedBody):
+        codec.unpack(codec.pack({1: 1}))  # strict_map_key=True
+    stamp = msgpack.Timestamp(1, 2)
+    assert codec.unpack(codec.pack(stamp)) == stamp  # timestamp=0
+
+
 @given(json_values)
 def test_check_value_accepts_model(value: Any) -> None:
     """check_value accepts every JSON-model value within the depth limit."""

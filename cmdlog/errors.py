@@ -118,6 +118,13 @@ class UnsupportedMediaType(ClientError):
     status = 415
 
 
+class ExpectationFailed(ClientError):
+    """The Expect header contains an expectation other than 100-continue."""
+
+    code = "expectation_failed"
+    status = 417
+
+
 class NotAcceptable(ClientError):
     """The Accept header allows neither JSON nor msgpack."""
 

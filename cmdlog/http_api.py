@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web, web_protocol
+from aiohttp.http import HttpVersion11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cmdlog import wire
@@ -34,6 +35,7 @@ from cmdlog.errors import (
     BodyTimeout,
     ClientError,
     CmdlogError,
+    ExpectationFailed,
     InvalidArgument,
     InvalidKey,
     KeyReused,
@@ -64,6 +66,16 @@ UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 REQUESTED_VERSION = "requested_http_version"
 """Request key set on a request whose line named an HTTP version other than
 1.0 and 1.1 (see `cmdlog.http_protocol`), to the version it named."""
+EXPECTATION = "expectation"
+"""Request key holding the value of the request's Expect header, which
+`cmdlog.http_protocol` takes out of its headers."""
+CONTINUE_SENT = "continue_sent"
+"""Request key set once the node has sent 100 Continue."""
+BODY_UNSENT = "body_unsent"
+"""Request key set when a request with a body gets its response before 100
+Continue, so the client has not sent the body. Its connection closes as soon
+as the response is sent (see `cmdlog.http_protocol`). aiohttp would wait up
+to 10 s (its default lingering time) for the body."""
 COMMAND_FIELDS = ("type", "payload")
 BATCH_ITEM_FIELDS = ("id", "type", "payload")
 
@@ -113,6 +125,8 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         if REQUESTED_VERSION in request:
             raise _version_error(request[REQUESTED_VERSION])
+        if EXPECTATION in request:
+            _check_expectation(request)
         response = await handler(request)
     except CmdlogError as error:
         if not isinstance(error, ClientError):
@@ -142,6 +156,11 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         internal.code = "internal_error"
         response = respond_error(request, internal)
 
+    if _awaits_continue(request) and request.body_exists:
+        # The client has not sent its body and may never send it, so the
+        # connection cannot carry another request.
+        request[BODY_UNSENT] = True
+        response.force_close()
     duration_s = time.monotonic() - started
     route = _route_name(request)
     request.app[METRICS].observe_request(
@@ -156,6 +175,39 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
             request.get("command_id"),
         )
     return response
+
+
+def _expects_continue(request: web.Request) -> bool:
+    # An HTTP/1.0 client may send the header, but cannot read a 100 response.
+    expectation = request.get(EXPECTATION)
+    return (
+        expectation is not None
+        and request.version == HttpVersion11
+        and expectation.strip().lower() == "100-continue"
+    )
+
+
+def _awaits_continue(request: web.Request) -> bool:
+    """Return whether the client waits for a 100 Continue not sent yet."""
+    return _expects_continue(request) and CONTINUE_SENT not in request
+
+
+def _check_expectation(request: web.Request) -> None:
+    if request.version != HttpVersion11 or _expects_continue(request):
+        return
+    raise ExpectationFailed(
+        f"Expect: {request[EXPECTATION][:40]!r} is not an expectation this node "
+        "can meet; send Expect: 100-continue or no Expect header"
+    )
+
+
+async def _send_continue(request: web.Request) -> None:
+    """Send 100 Continue if the client waits for it before sending the body."""
+    if _awaits_continue(request):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The response's byte count starts after the interim response.
+        request.writer.output_size = 0
+        request[CONTINUE_SENT] = True
 
 
 def _version_error(version: tuple[int, int]) -> MalformedRequest:
@@ -382,8 +434,19 @@ _CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
 optional modules are installed, which this project does not require."""
 
 
+def unsupported_encoding(encoding: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"Content-Encoding {encoding[:40]!r} is not supported, so nothing was "
+        f"recorded; send the body as {', '.join(_CONTENT_ENCODINGS)}"
+    )
+
+
 async def read_body(request: web.Request) -> Any:
-    """Read and decode the body: 413 over the limit, 415, then 400."""
+    """Read and decode the body: 413 over the limit, 415, then 400.
+
+    The checks that need no body come first, and a client that sent
+    `Expect: 100-continue` gets 100 Continue only once they pass.
+    """
     limit = request.app[NODE].config.http.body_bytes_max
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
@@ -392,10 +455,9 @@ async def read_body(request: web.Request) -> Any:
         )
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in _CONTENT_ENCODINGS:
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
-            f"as {', '.join(_CONTENT_ENCODINGS)}"
-        )
+        raise unsupported_encoding(encoding)
+    fmt = wire.body_format(request.headers.get("Content-Type"))
+    await _send_continue(request)
     try:
         data = await request.app[LIMITS].read(request)
     except web_protocol.RequestPayloadError as exc:
@@ -403,7 +465,6 @@ async def read_body(request: web.Request) -> Any:
             f"body could not be read: {exc}; check its Content-Encoding and "
             "Transfer-Encoding"
         ) from exc
-    fmt = wire.body_format(request.headers.get("Content-Type"))
     if not data:
         raise MalformedBody("body is empty; send a command as JSON or msgpack")
     return wire.decode(data, fmt)

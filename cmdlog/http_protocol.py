@@ -8,7 +8,7 @@ here responds with the API's `{"error": {"code", "message"}}` body instead,
 keeps aiohttp's status, and logs one `request_malformed` event in place of
 aiohttp's traceback. A request line with no HTTP version, or with another
 version than 1.0 and 1.1, passes the parser and gets its 400 from the error
-middleware (see `_http1_only`).
+middleware (see `_checked_requests`).
 
 NOTE: a chunked body that turns invalid after a handler has started to read
 it gets 408 once `--body-timeout-s` passes, not an immediate 400. aiohttp
@@ -19,22 +19,31 @@ the body has only stopped arriving.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import (
     BadStatusLine,
+    ContentEncodingError,
     HttpProcessingError,
     InvalidHeader,
     InvalidURLError,
     LineTooLong,
 )
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from cmdlog import wire
-from cmdlog.errors import MalformedRequest
-from cmdlog.http_api import REQUESTED_VERSION, error_body
+from cmdlog.errors import CmdlogError, MalformedRequest
+from cmdlog.http_api import (
+    BODY_UNSENT,
+    EXPECTATION,
+    REQUESTED_VERSION,
+    error_body,
+    unsupported_encoding,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -76,12 +85,22 @@ _PARSE_ERRORS: tuple[tuple[type[HttpProcessingError], str, str], ...] = (
 )
 
 
-def parse_error(exc: HttpProcessingError) -> MalformedRequest:
+_ENCODING_NAMED = re.compile(r"\((\w+)\)")
+"""Pattern for the encoding in aiohttp's message 'Can not decode
+content-encoding: brotli (br)'."""
+
+
+def parse_error(exc: HttpProcessingError) -> CmdlogError:
     """Return the API error for a request that aiohttp's parser rejected.
 
     The message repeats aiohttp's description of the problem, which quotes
-    the rejected bytes, and adds the fix for that kind of problem.
+    the rejected bytes, and adds the fix for that kind of problem. A body
+    in br or zstd, which aiohttp decodes only when optional modules are
+    installed, is refused while the headers are parsed, and gets 415.
     """
+    if isinstance(exc, ContentEncodingError):
+        named = _ENCODING_NAMED.search(exc.message)
+        return unsupported_encoding(named.group(1) if named else "")
     code, fix = MalformedRequest.code, _WELL_FORMED
     for error_type, error_code, error_fix in _PARSE_ERRORS:
         if isinstance(exc, error_type):
@@ -119,6 +138,19 @@ class RequestHandler(web.RequestHandler):
     on_rejected: Callable[[int], None] | None
     """Called with the status of each request the parser rejected."""
 
+    async def finish_response(
+        self,
+        request: web.BaseRequest,
+        resp: web.StreamResponse,
+        start_time: float | None,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send the response, then close the connection at once if the client
+        has not sent the body it announced (see `BODY_UNSENT`)."""
+        finished = await super().finish_response(request, resp, start_time)
+        if BODY_UNSENT in request:
+            self.force_close()
+        return finished
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -134,18 +166,20 @@ class RequestHandler(web.RequestHandler):
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         error = parse_error(exc)
+        if isinstance(error, MalformedRequest):
+            error.status = status  # aiohttp's status for the parse error
         if self.on_rejected is not None:
-            self.on_rejected(status)
+            self.on_rejected(error.status)
         log.info(
             "request_malformed",
-            status=status,
+            status=error.status,
             code=error.code,
             remote=request.remote,
             reason=_reason(exc),
         )
         response = web.Response(
             body=wire.encode(error_body(error), wire.JSON),
-            status=status,
+            status=error.status,
             content_type=wire.JSON,
         )
         # Close the connection, because the parser cannot find where the next
@@ -157,10 +191,10 @@ class RequestHandler(web.RequestHandler):
 _HTTP1 = frozenset({HttpVersion10, HttpVersion11})
 
 
-def _http1_only(
+def _checked_requests(
     factory: Callable[..., web.BaseRequest],
 ) -> Callable[..., web.BaseRequest]:
-    """Wrap a server's request factory for requests of other HTTP versions.
+    """Wrap a server's request factory for other HTTP versions and for Expect.
 
     aiohttp's parser accepts a request line with no version (HTTP/0.9) or
     with a version such as HTTP/2.0, and would write that version in the
@@ -168,17 +202,42 @@ def _http1_only(
     and its connection closes after the response. It carries the version
     the client named under `REQUESTED_VERSION`, so the error middleware
     responds 400.
+
+    aiohttp responds to `Expect: 100-continue` with 100 Continue before any
+    middleware runs, so a client would send a body that the node then
+    rejects for its size, its type or a missing token. The request built here has
+    no Expect header; its value is under `EXPECTATION`, and
+    `cmdlog.http_api` sends 100 Continue once the request has passed every
+    check that needs no body.
     """
 
     def make_request(message: RawRequestMessage, *args: object) -> web.BaseRequest:
-        if message.version in _HTTP1:
-            return factory(message, *args)
-        http1 = message._replace(version=HttpVersion11, should_close=True)
-        request = factory(http1, *args)
-        request[REQUESTED_VERSION] = message.version
+        expectation = None
+        if hdrs.EXPECT in message.headers:
+            expectation = ", ".join(message.headers.getall(hdrs.EXPECT))
+            message = _without_expect(message)
+        version = message.version
+        if version not in _HTTP1:
+            message = message._replace(version=HttpVersion11, should_close=True)
+        request = factory(message, *args)
+        if version not in _HTTP1:
+            request[REQUESTED_VERSION] = version
+        if expectation is not None:
+            request[EXPECTATION] = expectation
         return request
 
     return make_request
+
+
+def _without_expect(message: RawRequestMessage) -> RawRequestMessage:
+    headers = CIMultiDict(message.headers)
+    del headers[hdrs.EXPECT]
+    raw_headers = tuple(
+        (name, value)
+        for name, value in message.raw_headers
+        if name.lower() != b"expect"
+    )
+    return message._replace(headers=CIMultiDictProxy(headers), raw_headers=raw_headers)
 
 
 def handler_factory(
@@ -195,7 +254,7 @@ def handler_factory(
     include it. Call this in the event loop that will serve the connections.
     """
     loop = asyncio.get_running_loop()
-    server.request_factory = _http1_only(server.request_factory)
+    server.request_factory = _checked_requests(server.request_factory)
 
     def make_handler() -> RequestHandler:
         # None turns aiohttp's access log off (cmdlog logs each request in a

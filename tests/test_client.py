@@ -225,8 +225,9 @@ class HeldRequest:
     """A POST /commands that takes the node's only request slot until `finish`.
 
     The request asks for `100 Continue` and sends no body until `finish`.
-    aiohttp sends the interim response right before it runs the middleware
-    that counts requests in flight, so once it arrives the slot is taken.
+    The node sends the interim response when the handler is about to read
+    the body, after the middleware that counts requests in flight, so once
+    it arrives the slot is taken.
     """
 
     BODY = b'{"type": "ledger.open", "payload": {"account": "held", "currency": "EUR"}}'

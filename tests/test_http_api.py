@@ -420,7 +420,7 @@ async def test_two_key_headers_rejected(
     assert await command_count(session, api_node) == count
 
 
-@pytest.mark.parametrize("encoding", ["br2", "compress", "gzip, br2"])
+@pytest.mark.parametrize("encoding", ["br", "zstd", "br2", "compress", "gzip, br2"])
 async def test_unknown_content_encoding_rejected(
     api_node: NodeProcess, session: aiohttp.ClientSession, encoding: str
 ) -> None:

@@ -71,11 +71,12 @@ EXPECTATION = "expectation"
 `cmdlog.http_protocol` takes out of its headers."""
 CONTINUE_SENT = "continue_sent"
 """Request key set once the node has sent 100 Continue."""
-BODY_UNSENT = "body_unsent"
-"""Request key set when a request with a body gets its response before 100
-Continue, so the client has not sent the body. Its connection closes as soon
-as the response is sent (see `cmdlog.http_protocol`). aiohttp would wait up
-to 10 s (its default lingering time) for the body."""
+CLOSE_AFTER_RESPONSE = "close_after_response"
+"""Request key set when the rest of the request's body is not expected to
+arrive: the response went out before 100 Continue, or the body timed out.
+The connection closes as soon as the response is sent (see
+`cmdlog.http_protocol`), where aiohttp would wait up to 10 s (its default
+lingering time) for the body."""
 COMMAND_FIELDS = ("type", "payload")
 BATCH_ITEM_FIELDS = ("id", "type", "payload")
 
@@ -131,6 +132,8 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except CmdlogError as error:
         if not isinstance(error, ClientError):
             log.warning("request_failed", code=error.code, error=error.message)
+        if isinstance(error, BodyTimeout):
+            request[CLOSE_AFTER_RESPONSE] = True
         response = respond_error(request, error)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[NODE].config.http.body_bytes_max
@@ -159,7 +162,7 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
     if _awaits_continue(request) and request.body_exists:
         # The client has not sent its body and may never send it, so the
         # connection cannot carry another request.
-        request[BODY_UNSENT] = True
+        request[CLOSE_AFTER_RESPONSE] = True
         response.force_close()
     duration_s = time.monotonic() - started
     route = _route_name(request)

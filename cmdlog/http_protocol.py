@@ -38,7 +38,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from cmdlog import wire
 from cmdlog.errors import CmdlogError, MalformedRequest
 from cmdlog.http_api import (
-    BODY_UNSENT,
+    CLOSE_AFTER_RESPONSE,
     EXPECTATION,
     REQUESTED_VERSION,
     error_body,
@@ -144,10 +144,10 @@ class RequestHandler(web.RequestHandler):
         resp: web.StreamResponse,
         start_time: float | None,
     ) -> tuple[web.StreamResponse, bool]:
-        """Send the response, then close the connection at once if the client
-        has not sent the body it announced (see `BODY_UNSENT`)."""
+        """Send the response, then close the connection at once if the rest of
+        the body is not expected (see `CLOSE_AFTER_RESPONSE`)."""
         finished = await super().finish_response(request, resp, start_time)
-        if BODY_UNSENT in request:
+        if CLOSE_AFTER_RESPONSE in request:
             self.force_close()
         return finished
 

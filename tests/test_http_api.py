@@ -972,6 +972,12 @@ async def test_stalled_body_gets_408(
             for name, connection in zip(keys, (stalled, chunked, trickled), strict=True)
         }
         elapsed_s = time.monotonic() - started
+        # aiohttp would keep a 408's connection open for its 10 s lingering
+        # time; the node closes it after the response.
+        after_408 = [
+            await asyncio.wait_for(reader.read(), timeout=5)
+            for reader, _writer in (stalled, chunked)
+        ]
     finally:
         for _reader, writer in (stalled, chunked, trickled):
             writer.close()
@@ -985,6 +991,7 @@ async def test_stalled_body_gets_408(
         assert missing.status == 404, missing.body
     assert replies["trickled"][0].startswith(b"HTTP/1.1 201 "), replies["trickled"]
     assert elapsed_s < timeout_s * 2.5 + 4
+    assert after_408 == [b"", b""]
 
 
 # POST /commands: which error wins

@@ -38,9 +38,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from cmdlog import wire
 from cmdlog.errors import CmdlogError, MalformedRequest
 from cmdlog.http_api import (
-    CLOSE_AFTER_RESPONSE,
-    EXPECTATION,
-    REQUESTED_VERSION,
+    EXCHANGE,
+    Exchange,
     error_body,
     unsupported_encoding,
 )
@@ -145,9 +144,10 @@ class RequestHandler(web.RequestHandler):
         start_time: float | None,
     ) -> tuple[web.StreamResponse, bool]:
         """Send the response, then close the connection at once if the rest of
-        the body is not expected (see `CLOSE_AFTER_RESPONSE`)."""
+        the body is not expected (see `Exchange.close_after_response`)."""
         finished = await super().finish_response(request, resp, start_time)
-        if CLOSE_AFTER_RESPONSE in request:
+        state = request.get(EXCHANGE)
+        if state is not None and state.close_after_response:
             self.force_close()
         return finished
 
@@ -194,19 +194,20 @@ _HTTP1 = frozenset({HttpVersion10, HttpVersion11})
 def _checked_requests(
     factory: Callable[..., web.BaseRequest],
 ) -> Callable[..., web.BaseRequest]:
-    """Wrap a server's request factory for other HTTP versions and for Expect.
+    """Wrap a server's request factory to give each request its `Exchange`,
+    and for other HTTP versions and for Expect.
 
     aiohttp's parser accepts a request line with no version (HTTP/0.9) or
     with a version such as HTTP/2.0, and would write that version in the
     response's status line. The request built here has version HTTP/1.1,
     and its connection closes after the response. It carries the version
-    the client named under `REQUESTED_VERSION`, so the error middleware
-    responds 400.
+    the client named in `Exchange.requested_version`, so the error
+    middleware responds 400.
 
     aiohttp responds to `Expect: 100-continue` with 100 Continue before any
     middleware runs, so a client would send a body that the node then
-    rejects for its size, its type or a missing token. The request built here has
-    no Expect header; its value is under `EXPECTATION`, and
+    rejects for its size, its type or a missing token. The request built
+    here has no Expect header; its value is in `Exchange.expectation`, and
     `cmdlog.http_api` sends 100 Continue once the request has passed every
     check that needs no body.
     """
@@ -216,14 +217,12 @@ def _checked_requests(
         if hdrs.EXPECT in message.headers:
             expectation = ", ".join(message.headers.getall(hdrs.EXPECT))
             message = _without_expect(message)
-        version = message.version
-        if version not in _HTTP1:
+        state = Exchange(expectation=expectation)
+        if message.version not in _HTTP1:
+            state.requested_version = message.version
             message = message._replace(version=HttpVersion11, should_close=True)
         request = factory(message, *args)
-        if version not in _HTTP1:
-            request[REQUESTED_VERSION] = version
-        if expectation is not None:
-            request[EXPECTATION] = expectation
+        request[EXCHANGE] = state
         return request
 
     return make_request

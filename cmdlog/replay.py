@@ -470,7 +470,8 @@ def _fold_chunk(
     state_dbs = scratch.state
 
     def state_get(domain: str, key: bytes) -> bytes | None:
-        return txn.get(key, db=state_dbs[domain])  # type: ignore[return-value]
+        # Positional arguments, because py-lmdb parses keywords on every call.
+        return txn.get(key, None, state_dbs[domain])  # type: ignore[return-value]
 
     overlay = StateOverlay(state_get)
     types = app.types
@@ -493,10 +494,10 @@ def _fold_chunk(
         if base is not None:
             totals.state_digest -= fold.state_item_hash(domain, state_key, base)
         if current is None:
-            txn.delete(state_key, db=db)
+            txn.delete(state_key, b"", db)
         else:
             totals.state_digest += fold.state_item_hash(domain, state_key, current)
-            txn.put(state_key, current, db=db)
+            txn.put(state_key, current, True, True, False, db)
 
 
 def _checker_main(path: str, ids_dir: str, domains: list[str]) -> None:

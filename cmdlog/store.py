@@ -163,7 +163,13 @@ class _ReadGate:
 
 
 class Txn:
-    """Typed access to the named databases inside one LMDB transaction."""
+    """Typed access to the named databases inside one LMDB transaction.
+
+    The methods that run for every command call py-lmdb with positional
+    arguments, in its order put(key, value, dupdata, overwrite, append, db),
+    get(key, default, db) and delete(key, value, db). py-lmdb parses keyword
+    arguments on every call, which took 180 ns of a 360 ns put.
+    """
 
     def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
         self._store = store
@@ -171,6 +177,7 @@ class Txn:
         # here is opened with buffers=False, so reads are bytes.
         self.raw: Any = txn
         self._dbs = store._dbs
+        self._state_dbs = store._state_dbs
 
     # meta
 
@@ -188,13 +195,15 @@ class Txn:
         stored = self.raw.put(
             seq.to_bytes(SEQ_BYTES, "big"),
             codec.pack(record),
-            db=self._dbs["log"],
-            append=True,
+            True,
+            True,
+            True,  # append
+            self._dbs["log"],
         )
         assert stored, f"log sequence {seq} is not after the last one"
 
     def log_get(self, seq: int) -> list[Any]:
-        data = self.raw.get(seq_key(seq), db=self._dbs["log"])
+        data = self.raw.get(seq_key(seq), None, self._dbs["log"])
         if data is None:
             raise DataError(f"log entry {seq} is missing; the store is damaged")
         return codec.unpack(data)  # type: ignore[no-any-return]
@@ -223,7 +232,7 @@ class Txn:
 
     def id_get(self, command_id: str) -> int | None:
         """Return the log sequence number of the ID's folded copy, or None."""
-        data = self.raw.get(command_id.encode(), db=self._dbs["id_seqs"])
+        data = self.raw.get(command_id.encode(), None, self._dbs["id_seqs"])
         return None if data is None else int.from_bytes(data, "big")
 
     def id_put(self, command_id: str, seq: int, *, overwrite: bool = True) -> bool:
@@ -236,8 +245,10 @@ class Txn:
         stored: bool = self.raw.put(
             command_id.encode(),
             seq.to_bytes(SEQ_BYTES, "big"),
-            db=self._dbs["id_seqs"],
-            overwrite=overwrite,
+            True,
+            overwrite,
+            False,
+            self._dbs["id_seqs"],
         )
         return stored
 
@@ -245,7 +256,7 @@ class Txn:
 
     def folded_get(self, key: bytes) -> tuple[int, bytes] | None:
         """Return `(seq, packed outcome)` of a folded command, or None."""
-        data = self.raw.get(key, db=self._dbs["folded"])
+        data = self.raw.get(key, None, self._dbs["folded"])
         if data is None:
             return None
         return int.from_bytes(data[:SEQ_BYTES], "big"), data[SEQ_BYTES:]
@@ -255,10 +266,11 @@ class Txn:
     ) -> None:
         """Record a folded command and, unless `undo` is None, its undo record."""
         dbs = self._dbs
-        self.raw.put(key, seq.to_bytes(SEQ_BYTES, "big") + outcome, db=dbs["folded"])
+        packed = seq.to_bytes(SEQ_BYTES, "big") + outcome
+        self.raw.put(key, packed, True, True, False, dbs["folded"])
         if undo is not None:
             data = codec.pack(undo) if undo else _EMPTY_LIST
-            self.raw.put(key, data, db=dbs["undo"])
+            self.raw.put(key, data, True, True, False, dbs["undo"])
 
     def folded_delete(self, key: bytes) -> None:
         self.raw.delete(key, db=self._dbs["folded"])
@@ -404,14 +416,14 @@ class Txn:
     # domain state
 
     def state_get(self, domain: str, key: bytes) -> bytes | None:
-        return self.raw.get(key, db=self._store.state_db(domain))  # type: ignore[no-any-return]
+        return self.raw.get(key, None, self._state_dbs[domain])  # type: ignore[no-any-return]
 
     def state_put(self, domain: str, key: bytes, value: bytes | None) -> None:
-        db = self._store.state_db(domain)
+        db = self._state_dbs[domain]
         if value is None:
-            self.raw.delete(key, db=db)
+            self.raw.delete(key, b"", db)
         else:
-            self.raw.put(key, value, db=db)
+            self.raw.put(key, value, True, True, False, db)
 
     def state_iter(self, domain: str) -> Iterator[tuple[bytes, bytes]]:
         cursor = self.raw.cursor(db=self._store.state_db(domain))

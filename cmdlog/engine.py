@@ -102,8 +102,11 @@ def _order_of(entry: _Entry) -> bytes:
 class _Batch:
     """Working state of one write transaction."""
 
-    def __init__(self, txn: Txn, clock: HybridClock) -> None:
+    def __init__(
+        self, txn: Txn, clock: HybridClock, state_hashes: fold.StateItemHashes
+    ) -> None:
         self.txn = txn
+        self.state_hashes = state_hashes
         self.horizon: int = max(clock.horizon(), txn.meta_get("horizon", 0))
         """The skew horizon every hold decision of this transaction uses: read
         once, when it began, and never below the last one recorded, so a wall
@@ -160,11 +163,12 @@ class _Batch:
         return self.last_seq
 
     def flush_state(self) -> None:
+        hashes = self.state_hashes
         for domain, key, base, current in self.overlay.changes():
             if base is not None:
-                self.state_digest -= fold.state_item_hash(domain, key, base)
+                self.state_digest -= hashes.take(domain, key, base)
             if current is not None:
-                self.state_digest += fold.state_item_hash(domain, key, current)
+                self.state_digest += hashes.put(domain, key, current)
             self.txn.state_put(domain, key, current)
         self.overlay = StateOverlay(self.txn.state_get)
 
@@ -200,6 +204,7 @@ class Engine:
         """Handler fingerprint per type, recorded when a type is first folded."""
         self.catalogued = catalogued or set()
         """Types whose fingerprint was recorded in an earlier transaction."""
+        self.state_hashes = fold.StateItemHashes()
         self.rewinds = 0
         """Rewinds that undid folded commands, not counting full re-folds."""
         self.full_refolds = 0
@@ -219,7 +224,7 @@ class Engine:
         so it reports the stored command. One with another fingerprint gets a
         `KeyReused` error in its place in the list.
         """
-        batch = _Batch(txn, self.clock)
+        batch = _Batch(txn, self.clock, self.state_hashes)
         results: list[Accepted | KeyReused | str] = []
         fresh: list[_Entry] = []
         for submission in submissions:
@@ -311,7 +316,7 @@ class Engine:
         and held pending. With a `source` (the peer's node ID and boot), the
         copies stored are recorded as received from that process.
         """
-        batch = _Batch(txn, self.clock)
+        batch = _Batch(txn, self.clock, self.state_hashes)
         report = IngestReport()
         fresh: list[_Entry] = []
         removed: list[bytes] = []
@@ -412,7 +417,7 @@ class Engine:
 
     def release_pending(self, txn: Txn) -> int:
         """Fold held commands that can be folded now; return how many."""
-        batch = _Batch(txn, self.clock)
+        batch = _Batch(txn, self.clock, self.state_hashes)
         released = self._release_ready(batch)
         self._finish(batch)
         return released

@@ -30,6 +30,9 @@ UndoEntry = list[Any]  # [domain, key, previous value or None]
 STATE_KEY_BYTES_MAX = 480
 """Maximum length of a state key a handler may write (LMDB's limit is 511 bytes)."""
 
+STATE_HASHES_MAX = 20_000
+"""Entries a `StateItemHashes` keeps before it starts over: a few megabytes."""
+
 HANDLER_FAILED = "handler_failed"
 """Reason given when a handler raises instead of returning or rejecting. It
 happens only for payloads that skipped validation (from a faulty peer) or
@@ -59,6 +62,37 @@ def outcome_item_hash(command_id: str, outcome: bytes) -> int:
 def log_item_hash(command_id: str, fingerprint: bytes) -> int:
     data = b"l" + command_id.encode() + b"\x00" + fingerprint
     return int.from_bytes(_blake2b(data, digest_size=32).digest(), "big")
+
+
+class StateItemHashes:
+    """A memo of the item hashes of the state values written last.
+
+    The next write to the same key subtracts the old item's hash from the
+    digest, and finds it here instead of hashing the value again. A hash is
+    used only for the exact value it was computed from. A ledger account is
+    written by many commands in a row, so in a batch of a thousand commands
+    about two thirds of the old values are found here.
+    """
+
+    def __init__(self, entries_max: int = STATE_HASHES_MAX) -> None:
+        self._entries_max = entries_max
+        self._hashes: dict[StateKey, tuple[bytes, int]] = {}
+
+    def take(self, domain: str, key: bytes, value: bytes) -> int:
+        """Return the item hash of `value`, the value `key` had until now."""
+        known = self._hashes.pop((domain, key), None)
+        if known is not None and known[0] == value:
+            return known[1]
+        return state_item_hash(domain, key, value)
+
+    def put(self, domain: str, key: bytes, value: bytes) -> int:
+        """Return the item hash of `value`, the value `key` has from now on."""
+        item_hash = state_item_hash(domain, key, value)
+        hashes = self._hashes
+        if len(hashes) >= self._entries_max:
+            hashes.clear()
+        hashes[(domain, key)] = (value, item_hash)
+        return item_hash
 
 
 def pack_outcome(outcome: Outcome) -> bytes:

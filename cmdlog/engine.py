@@ -227,13 +227,15 @@ class Engine:
         batch = _Batch(txn, self.clock, self.state_hashes)
         results: list[Accepted | KeyReused | str] = []
         fresh: list[_Entry] = []
-        for submission in submissions:
-            # A retry costs a clock tick here, which no order depends on.
+        items = submissions if isinstance(submissions, list) else list(submissions)
+        # A retry costs a stamp here, which no order depends on.
+        stamps = self.clock.stamps(len(items))
+        for submission, stamp in zip(items, stamps, strict=True):
             command = Command(
                 submission.id,
                 submission.type,
                 submission.payload,
-                self.clock.now(),
+                stamp,
                 self.node_id,
             )
             seq = batch.claim(command, submission.fingerprint)

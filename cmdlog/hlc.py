@@ -53,6 +53,19 @@ class HybridClock:
         self.last = max(self._now_ms() << LOGICAL_BITS, self.last + 1)
         return self.last
 
+    def stamps(self, count: int) -> range:
+        """Return `count` new stamps in increasing order, each greater than
+        every stamp issued or observed so far, reading the wall clock once.
+
+        They are the stamps `count` calls of `now` would return within one
+        millisecond of wall time.
+        """
+        if count <= 0:
+            return range(0)
+        first = max(self._now_ms() << LOGICAL_BITS, self.last + 1)
+        self.last = first + count - 1
+        return range(first, first + count)
+
     def horizon(self) -> int:
         """Return the largest stamp a peer may send that can be folded now."""
         return self.horizon_at(self._now_ms())

@@ -197,6 +197,17 @@ def test_ahead_ms() -> None:
     assert clock.ahead_ms(stamp_at(START_MS)) == 0
 
 
+def test_stamps_match_calls_of_now() -> None:
+    """A batch of stamps equals as many calls of now with the wall frozen."""
+    wall = FakeWall()
+    one_by_one, batched = new_clock(wall), new_clock(wall)
+    one_by_one.now()
+    batched.now()
+    expected = [one_by_one.now() for _ in range(500)]
+    assert list(batched.stamps(500)) == expected
+    assert batched.last == one_by_one.last
+
+
 def test_stamp_ms() -> None:
     """stamp_ms drops the logical part."""
     assert stamp_ms(stamp_at(START_MS, LOGICAL_MAX)) == START_MS
@@ -206,6 +217,7 @@ def test_stamp_ms() -> None:
 # from wall time, or move the wall clock.
 operations = st.one_of(
     st.tuples(st.just("now"), st.just(0), st.just(0)),
+    st.tuples(st.just("stamps"), st.integers(0, LOGICAL_MAX + 10), st.just(0)),
     st.tuples(
         st.just("observe"),
         st.integers(-5 * SKEW_MS_MAX, 5 * SKEW_MS_MAX),
@@ -219,7 +231,8 @@ operations = st.one_of(
 def test_stamps_increase_any_history(
     history: list[tuple[str, int, int]],
 ) -> None:
-    """Under any mix of stamps, observations and clock jumps, stamps increase."""
+    """Under any mix of stamps, batches of stamps, observations and clock
+    jumps, stamps increase."""
     wall = FakeWall()
     clock = new_clock(wall)
     previous = -1
@@ -231,6 +244,16 @@ def test_stamps_increase_any_history(
             assert stamp > accepted_max
             assert stamp_ms(stamp) >= wall.ms
             previous = stamp
+        elif operation == "stamps":
+            batch = list(clock.stamps(offset_ms))
+            assert len(batch) == offset_ms
+            for stamp in batch:
+                assert stamp > previous
+                assert stamp > accepted_max
+                previous = stamp
+            if batch:
+                assert stamp_ms(batch[0]) >= wall.ms
+                assert clock.last == batch[-1]
         elif operation == "observe":
             peer = stamp_at(wall.ms + offset_ms, logical)
             last_before = clock.last

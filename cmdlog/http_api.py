@@ -183,9 +183,9 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         internal.code = "internal_error"
         response = respond_error(request, internal)
 
-    if _awaits_continue(request, state) and request.body_exists:
-        # The client has not sent its body and may never send it, so the
-        # connection cannot carry another request.
+    if _body_held_back(request, state):
+        # The client may never send its body. On a connection kept open, the
+        # node would read the client's next request as that body.
         state.close_after_response = True
         response.force_close()
     duration_s = time.monotonic() - started
@@ -217,6 +217,34 @@ def _awaits_continue(request: web.Request, state: Exchange) -> bool:
         and request.version == HttpVersion11
         and _expects_continue(state.expectation)
     )
+
+
+def _body_held_back(request: web.Request, state: Exchange) -> bool:
+    """Return whether the client may still hold back its body: it announced
+    one with 100-continue among its expectations over HTTP/1.1, and got no
+    100 Continue.
+
+    A 417 counts too, because its client may wait for a 100 Continue that
+    never comes. A client whose expectations leave out 100-continue sends
+    its body at once, and aiohttp reads and discards it after the response.
+    """
+    return (
+        state.expectation is not None
+        and not state.continue_sent
+        and request.version == HttpVersion11
+        and request.body_exists
+        and _names_continue(state.expectation)
+    )
+
+
+def _names_continue(expectation: str) -> bool:
+    """Return whether 100-continue is among the comma-separated expectations,
+    with any parameters after ';' or '=' ignored."""
+    for member in expectation.split(","):
+        name = member.split(";", 1)[0].split("=", 1)[0]
+        if name.strip().lower() == "100-continue":
+            return True
+    return False
 
 
 def _check_expectation(request: web.Request, expectation: str) -> None:

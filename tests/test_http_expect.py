@@ -174,6 +174,37 @@ async def test_other_expectation_gets_417(node: NodeProcess) -> None:
     assert await command_count(node) == count
 
 
+@pytest.mark.parametrize(
+    "expect", ["100-continue, fast-please", "fast-please, 100-Continue"]
+)
+async def test_417_closes_held_back_body(node: NodeProcess, expect: str) -> None:
+    """A client that named 100-continue waits for it before it sends its
+    body, so a 417's connection closes right after the response. Kept open,
+    the node would read the client's next request as the announced body."""
+    body = open_body(f"expect-{uuid.uuid4().hex[:8]}")
+    count = await command_count(node)
+    request = head(node.port, content_length=len(body), expect=expect)
+    data = await exchange(node, request, CLOSE_TIMEOUT_S)
+
+    assert data.startswith(b"HTTP/1.1 417 "), data[:200]
+    assert b"\r\nConnection: close\r\n" in data, data[:400]
+    assert error_code(data) == "expectation_failed", data
+    assert await command_count(node) == count
+
+
+async def test_417_with_body_keeps_connection(node: NodeProcess) -> None:
+    """A client whose expectation is not 100-continue sends its body at once,
+    so after the 417 the connection carries its next request."""
+    body = open_body(f"expect-{uuid.uuid4().hex[:8]}")
+    request = head(node.port, content_length=len(body), expect="fast-please")
+    data = await exchange(node, request + body + status_request())
+
+    first, _, second = data.partition(b"HTTP/1.1 200 ")
+    assert first.startswith(b"HTTP/1.1 417 "), data[:200]
+    assert b"\r\nConnection: close\r\n" not in first, first[:400]
+    assert second, data[-400:]
+
+
 async def test_http_1_0_expectation_ignored(node: NodeProcess) -> None:
     """An HTTP/1.0 client cannot read a 100 response, so its Expect header is
     ignored: no 100 Continue, and the command it sent is stored."""

@@ -187,6 +187,7 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         # The client may never send its body. On a connection kept open, the
         # node would read the client's next request as that body.
         state.close_after_response = True
+    if state.close_after_response:
         response.force_close()
     duration_s = time.monotonic() - started
     route = _route_name(request)
@@ -517,6 +518,9 @@ async def read_body(request: web.Request) -> Any:
     try:
         data = await request.app[LIMITS].read(request)
     except web_protocol.RequestPayloadError as exc:
+        # aiohttp would raise the same error again, and log it as unhandled,
+        # if it read the rest of the body after the response.
+        exchange(request).close_after_response = True
         raise MalformedBody(
             f"body could not be read: {exc}; check its Content-Encoding and "
             "Transfer-Encoding"

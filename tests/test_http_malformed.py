@@ -350,3 +350,30 @@ async def test_body_cut_short_counts_as_400(
     assert after - before == Counter({"400": 1})
     assert "request_crashed" not in corpus_node.log_text()
     assert await command_count(session, corpus_node) == count
+
+
+async def test_undecodable_gzip_body_logged_once(corpus_node: NodeProcess) -> None:
+    """A gzip body that fails to decode gets 400 and its connection closes,
+    without aiohttp logging the decode error again as an unhandled exception
+    while it drains the rest of the body."""
+    key = f"bad-gzip-{uuid.uuid4()}"
+    body = b"\x1f\x8b" + b"z" * 18
+    head = (
+        "POST /commands HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{corpus_node.port}\r\n"
+        "Content-Type: application/json\r\n"
+        "Content-Encoding: gzip\r\n"
+        f"Idempotency-Key: {key}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await raw_request("127.0.0.1", corpus_node.port, head + body)
+    try:
+        reply = await read_reply(reader)
+    finally:
+        writer.close()
+    await asyncio.sleep(0.2)
+
+    assert reply.status == 400, reply
+    assert json.loads(reply.body)["error"]["code"] == "malformed_body", reply
+    assert reply.headers.get("connection") == "close", reply.headers
+    assert "Unhandled exception" not in corpus_node.log_text()

@@ -510,7 +510,10 @@ async def read_body(request: web.Request) -> Any:
             f"body of {request.content_length} bytes is over the limit of {limit} "
             "bytes; split it into smaller requests"
         )
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    # Two Content-Encoding headers make one list, and aiohttp's parser decodes
+    # by the last header alone, so a list of two or more is refused.
+    encodings = request.headers.getall("Content-Encoding", ("identity",))
+    encoding = ", ".join(encodings).strip().lower()
     if encoding not in _CONTENT_ENCODINGS:
         raise unsupported_encoding(encoding)
     fmt = wire.body_format(request.headers.get("Content-Type"))

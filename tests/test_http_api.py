@@ -7,6 +7,7 @@ so each test stays independent while the suite starts few processes.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import re
@@ -440,6 +441,30 @@ async def test_unknown_content_encoding_rejected(
     )
 
     assert_error(reply, 415, "unsupported_media_type")
+    assert await command_count(session, api_node) == count
+
+
+@pytest.mark.parametrize("order", [("identity", "gzip"), ("gzip", "identity")])
+async def test_two_content_encodings_rejected(
+    api_node: NodeProcess, session: aiohttp.ClientSession, order: tuple[str, str]
+) -> None:
+    """Two Content-Encoding headers get 415 whatever their order: aiohttp's
+    parser decodes by the last one, so neither one alone may decide."""
+    count = await command_count(session, api_node)
+    body = gzip.compress(json.dumps(open_command(unique("acct"))).encode())
+    head = command_head(api_node.port, unique("two-enc"), len(body)).replace(
+        b"\r\n\r\n",
+        b"".join(b"\r\nContent-Encoding: " + name.encode() for name in order)
+        + b"\r\n\r\n",
+    )
+    reader, writer = await raw_request("127.0.0.1", api_node.port, head + body)
+    try:
+        reply = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 415 "), reply[:200]
+    assert b'"unsupported_media_type"' in reply, reply
     assert await command_count(session, api_node) == count
 
 

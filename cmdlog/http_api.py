@@ -88,11 +88,16 @@ class Exchange:
     of the request's headers."""
     continue_sent: bool = False
     close_after_response: bool = False
-    """Set when the rest of the body is not expected to arrive: the response
-    went out before 100 Continue, or the body timed out. The connection
-    closes as soon as the response is sent (see `cmdlog.http_protocol`),
-    where aiohttp would wait up to 10 s (its default lingering time) for
-    the body."""
+    """Set when the rest of the body will not be read: the response went out
+    before 100 Continue, the body timed out, or it failed to decode. The
+    connection closes as soon as the response is sent (see
+    `cmdlog.http_protocol`), where aiohttp would wait up to 10 s (its default
+    lingering time) for the body.
+
+    NOTE: a client that sends its body without waiting for 100 Continue can
+    get a connection reset, because the node closes with body bytes unread.
+    With a 4 MB body, a client that read while it sent still got the
+    response first."""
     principal: str | None = None
     """The client's principal, when the node has several."""
     command_id: str | None = None

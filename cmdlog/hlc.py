@@ -50,8 +50,7 @@ class HybridClock:
 
     def now(self) -> int:
         """Return a new stamp, greater than every stamp issued or observed so far."""
-        self.last = max(self._now_ms() << LOGICAL_BITS, self.last + 1)
-        return self.last
+        return self.stamps(1)[0]
 
     def stamps(self, count: int) -> range:
         """Return `count` new stamps in increasing order, each greater than

@@ -188,9 +188,10 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         internal.code = "internal_error"
         response = respond_error(request, internal)
 
-    if _body_held_back(request, state):
-        # The client may never send its body. On a connection kept open, the
-        # node would read the client's next request as that body.
+    if request.body_exists and _awaits_continue(request, state):
+        # The client may never send its body, and that includes a 417 for a
+        # list with 100-continue in it. On a connection kept open, the node
+        # would read the client's next request as that body.
         state.close_after_response = True
     if state.close_after_response:
         response.force_close()
@@ -210,35 +211,18 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
     return response
 
 
-def _expects_continue(expectation: str) -> bool:
-    return expectation.strip().lower() == "100-continue"
-
-
 def _awaits_continue(request: web.Request, state: Exchange) -> bool:
-    """Return whether the client waits for a 100 Continue not sent yet."""
+    """Return whether the client may wait for a 100 Continue not sent yet:
+    its HTTP/1.1 request has 100-continue among its expectations.
+
+    A client whose expectations leave out 100-continue sends its body at
+    once, and aiohttp reads and discards the body after the response.
+    """
     # An HTTP/1.0 client may send the header, but cannot read a 100 response.
     return (
         state.expectation is not None
         and not state.continue_sent
         and request.version == HttpVersion11
-        and _expects_continue(state.expectation)
-    )
-
-
-def _body_held_back(request: web.Request, state: Exchange) -> bool:
-    """Return whether the client may still hold back its body: it announced
-    one with 100-continue among its expectations over HTTP/1.1, and got no
-    100 Continue.
-
-    A 417 counts too, because its client may wait for a 100 Continue that
-    never comes. A client whose expectations leave out 100-continue sends
-    its body at once, and aiohttp reads and discards it after the response.
-    """
-    return (
-        state.expectation is not None
-        and not state.continue_sent
-        and request.version == HttpVersion11
-        and request.body_exists
         and _names_continue(state.expectation)
     )
 
@@ -254,7 +238,9 @@ def _names_continue(expectation: str) -> bool:
 
 
 def _check_expectation(request: web.Request, expectation: str) -> None:
-    if request.version != HttpVersion11 or _expects_continue(expectation):
+    if request.version != HttpVersion11:
+        return
+    if expectation.strip().lower() == "100-continue":
         return
     raise ExpectationFailed(
         f"Expect: {expectation[:40]!r} is not an expectation this node "
@@ -263,7 +249,10 @@ def _check_expectation(request: web.Request, expectation: str) -> None:
 
 
 async def _send_continue(request: web.Request) -> None:
-    """Send 100 Continue if the client waits for it before sending the body."""
+    """Send 100 Continue if the client waits for it before sending the body.
+
+    By then the error middleware has answered any other expectation with 417.
+    """
     state = exchange(request)
     if _awaits_continue(request, state):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

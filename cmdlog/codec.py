@@ -46,10 +46,10 @@ _unpacker_options: dict[str, Any] = {
 _unpackb = msgpack.unpackb
 
 _OPTIONS_AT_DEFAULTS = {"raw", "use_list", "strict_map_key", "timestamp"}
-"""The options in `_unpacker_options` whose values are msgpack's defaults
-(since msgpack 1.0), so `unpack` leaves them out: passing five keyword
-arguments costs each call about 200 ns, a third of decoding a log entry.
-tests/test_codec.py checks that the result is the same."""
+"""The options in `_unpacker_options` that have msgpack's default values, so
+`unpack` leaves them out: passing five keyword arguments cost each call about
+200 ns, a third of decoding a log entry. tests/test_codec.py checks that the
+results are the same."""
 _local = threading.local()
 
 

@@ -56,8 +56,8 @@ class HybridClock:
         """Return `count` new stamps in increasing order, each greater than
         every stamp issued or observed so far, reading the wall clock once.
 
-        They are the stamps `count` calls of `now` would return within one
-        millisecond of wall time.
+        They are the stamps that `count` calls of `now` would return while the
+        wall clock stays in one millisecond.
         """
         if count <= 0:
             return range(0)

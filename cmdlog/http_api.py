@@ -251,7 +251,7 @@ def _check_expectation(request: web.Request, expectation: str) -> None:
 async def _send_continue(request: web.Request) -> None:
     """Send 100 Continue if the client waits for it before sending the body.
 
-    By then the error middleware has answered any other expectation with 417.
+    By then the error middleware has responded 417 to any other expectation.
     """
     state = exchange(request)
     if _awaits_continue(request, state):
@@ -505,7 +505,7 @@ async def read_body(request: web.Request) -> Any:
             "bytes; split it into smaller requests"
         )
     # Two Content-Encoding headers make one list, and aiohttp's parser decodes
-    # by the last header alone, so a list of two or more is refused.
+    # by the last header alone, so a list of two or more is rejected.
     encodings = request.headers.getall("Content-Encoding", ("identity",))
     encoding = ", ".join(encodings).strip().lower()
     if encoding not in _CONTENT_ENCODINGS:

@@ -95,7 +95,7 @@ def parse_error(exc: HttpProcessingError) -> CmdlogError:
     The message repeats aiohttp's description of the problem, which quotes
     the rejected bytes, and adds the fix for that kind of problem. A body
     in br or zstd, which aiohttp decodes only when optional modules are
-    installed, is refused while the headers are parsed, and gets 415.
+    installed, is rejected while the headers are parsed, and gets 415.
     """
     if isinstance(exc, ContentEncodingError):
         named = _ENCODING_NAMED.search(exc.message)
@@ -194,8 +194,8 @@ _HTTP1 = frozenset({HttpVersion10, HttpVersion11})
 def _checked_requests(
     factory: Callable[..., web.BaseRequest],
 ) -> Callable[..., web.BaseRequest]:
-    """Wrap a server's request factory to give each request its `Exchange`,
-    and for other HTTP versions and for Expect.
+    """Wrap a server's request factory so that each request gets its
+    `Exchange`, and handle other HTTP versions and the Expect header.
 
     aiohttp's parser accepts a request line with no version (HTTP/0.9) or
     with a version such as HTTP/2.0, and would write that version in the

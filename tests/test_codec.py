@@ -240,7 +240,7 @@ def decode_or_failure(decode: Any, data: bytes) -> str:
 
 
 @given(st.one_of(msgpack_values.map(codec.pack), st.binary(max_size=40)))
-def test_unpack_decodes_as_the_listed_options(data: bytes) -> None:
+def test_unpack_matches_full_options(data: bytes) -> None:
     """unpack leaves the options that are msgpack's defaults out, and decodes
     every input, valid or not, exactly as the full option set does."""
 
@@ -252,7 +252,7 @@ def test_unpack_decodes_as_the_listed_options(data: bytes) -> None:
     )
 
 
-def test_unpack_options_left_out_are_defaults() -> None:
+def test_unpack_omitted_options_are_defaults() -> None:
     """Each option unpack leaves out behaves as `_unpacker_options` sets it."""
     assert set(codec._unpacker_options) - {"ext_hook"} == codec._OPTIONS_AT_DEFAULTS
     assert codec.unpack(codec.pack("a")) == "a"  # raw=False

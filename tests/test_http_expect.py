@@ -2,8 +2,8 @@
 
 A client that sends `Expect: 100-continue` sends its body only after the
 node responds 100 Continue. The node sends it only after the checks that
-need no body (token, size, Content-Encoding, Content-Type) pass; a request
-that fails one of them gets its error at once, and the connection closes,
+need no body (token, size, Content-Encoding, Content-Type) pass. A request
+that fails one of them gets its error at once, and its connection closes,
 because the body it announced never came.
 """
 
@@ -22,7 +22,7 @@ from tests.raw_http import REPLY_TIMEOUT_S, raw_request
 TOKEN = "expect-test-token"
 BODY_BYTES_MAX = 1000
 CLOSE_TIMEOUT_S = 5.0
-"""How long a refused request's connection may stay open after its response.
+"""How long a rejected request's connection may stay open after its response.
 aiohttp would keep it open for 10 s, waiting for the body."""
 INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -99,7 +99,7 @@ def error_code(response: bytes) -> str:
     return code
 
 
-REFUSED = {
+REJECTED_EARLY = {
     "over-the-size-limit": (
         {"content_length": BODY_BYTES_MAX + 1},
         413,
@@ -115,9 +115,9 @@ REFUSED = {
 
 
 @pytest.mark.parametrize(
-    ("head_args", "status", "code"), REFUSED.values(), ids=REFUSED.keys()
+    ("head_args", "status", "code"), REJECTED_EARLY.values(), ids=REJECTED_EARLY.keys()
 )
-async def test_refused_before_continue(
+async def test_rejected_before_continue(
     node: NodeProcess, head_args: dict[str, object], status: int, code: str
 ) -> None:
     """A request that fails a check needing no body gets its error without a

@@ -8,7 +8,7 @@ from typing import Any
 
 from bench import profiles
 from bench.core import RAW_BATCH, RAW_OTHER_WRITEMAP, RAW_PUTS, Profile, Round
-from bench.lmdb_ceiling import distinct_leaves_expected
+from bench.lmdb_ceiling import distinct_leaves_expected, newest_generation_leaves
 from bench.pages import TAIL_COMMITS, CommitPages
 from bench.report import median, spread, table
 from bench.workload import ACCOUNTS, BATCH_COMMANDS, DEPOSIT_SHARE
@@ -213,11 +213,13 @@ def _render_pages(rounds: list[Round]) -> str:
         ]
         for t in trees
     ]
-    ids = next(t for t in trees if t["db"] == "id_seqs")
-    state = next(t for t in trees if t["db"] == "state.ledger")
+    ids = next(t for t in trees if t["db"] == "id_gens")
+    state = next(t for t in trees if t["db"] == "state_gens.ledger")
     charges = int(BATCH_COMMANDS * (1 - DEPOSIT_SHARE))
-    ids_hit = distinct_leaves_expected(ids["leaf_pages"], BATCH_COMMANDS)
-    state_hit = distinct_leaves_expected(state["leaf_pages"], charges + ACCOUNTS)
+    ids_leaves = newest_generation_leaves(ids)
+    state_leaves = newest_generation_leaves(state)
+    ids_hit = distinct_leaves_expected(ids_leaves, BATCH_COMMANDS)
+    state_hit = distinct_leaves_expected(state_leaves, charges + ACCOUNTS)
     return "\n".join(
         [
             "Pages per commit of 1,000 commands. 'Pages dirtied' is, for each of "
@@ -254,10 +256,13 @@ def _render_pages(rounds: list[Round]) -> str:
                 tree_rows,
             ),
             "",
-            f"With L = {ids['leaf_pages']:,} leaves in `id_seqs`, {BATCH_COMMANDS:,} "
-            "uniformly random keys are expected to land on "
+            "Every put lands in the newest generation (see "
+            "`cmdlog/generations.py`). With L ≈ "
+            f"{ids_leaves:,.0f} leaves in the newest generation of `id_gens` "
+            "(its share of the tree's leaves by entries), "
+            f"{BATCH_COMMANDS:,} uniformly random keys are expected to land on "
             f"L·(1 − (1 − 1/L)^{BATCH_COMMANDS}) ≈ {ids_hit:,.0f} distinct leaves. "
-            f"In `state.ledger` (L = {state['leaf_pages']:,}), the {charges} "
+            f"In `state_gens.ledger` (L ≈ {state_leaves:,.0f}), the {charges} "
             f"random `charge/<key>` keys and up to {ACCOUNTS:,} account keys hit at "
             f"most ≈ {state_hit:,.0f}. LMDB copies each leaf a commit touches, "
             "and the branch pages above it, whole.",

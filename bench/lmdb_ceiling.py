@@ -4,22 +4,25 @@
 for them (read from `cmdlog/engine.py` and `cmdlog/store.py`), per command:
 
 - `log`: one append under the next sequence number (8 bytes, big-endian);
-- `id_seqs`: one put under the command's UUID key, which lands on a
-  random leaf;
+- `id_gens`: one put under the generation number and the command's UUID
+  key, which lands on a random leaf of the newest generation;
 - `folded` and `undo`: one put each under the order key (stamp, origin,
   ID), which grows with the stamp, so both are appends in effect;
-- `state.ledger`: one put under `charge/<UUID>` (random) for a charge, and
-  one put per account the batch touched, because the engine's state
-  overlay writes each key once per transaction;
-- per transaction: three `meta` puts (two digests and the clock) and, once
-  the undo horizon is full, one `undo` delete per command at the old end.
+- `state_gens.ledger`: one put under the generation and `charge/<UUID>`
+  (random) for a charge, and one put per account the batch touched,
+  because the engine's state overlay writes each key once per transaction;
+- per transaction: three `meta` puts (two digests and the clock), one
+  more when a new generation starts, and, once the undo horizon is full,
+  one `undo` delete per command at the old end.
 
-Values are packed with cmdlog's codec in the engine's shapes, so key and
-value sizes match. Every charge is written as applied, while cmdlog rejects
-a few for insufficient funds and writes no state for those, so the ceiling
-does slightly more work than cmdlog. The environment is opened with the
-flags cmdlog's store uses (read from a `Store` at run time, see
-`store_flags`) and the default map size, unless a run overrides `writemap`.
+A new generation starts after a commit that brings the commands since the
+last one to `StoreConfig.generation_commands`, as in the store. Values are
+packed with cmdlog's codec in the engine's shapes, so key and value sizes
+match. Every charge is written as applied, while cmdlog rejects a few for
+insufficient funds and writes no state for those, so the ceiling does
+slightly more work than cmdlog. The environment is opened with the flags
+cmdlog's store uses (read from a `Store` at run time, see `store_flags`)
+and the default map size, unless a run overrides `writemap`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from bench.workload import (
 )
 from cmdlog import codec
 from cmdlog.config import StoreConfig
+from cmdlog.generations import GENERATION_BYTES, generation_prefix
 from cmdlog.hlc import LOGICAL_BITS, wall_ms
 from cmdlog.model import APPLIED, order_key
 from cmdlog.store import Store, seq_key
@@ -50,7 +54,8 @@ from cmdlog.store import Store, seq_key
 PAGE_BYTES = 4096
 RAW_ORIGIN = "0123456789abcdef"
 """A node ID of the same shape as cmdlog's: 16 hex digits."""
-DATABASES = ("log", "id_seqs", "folded", "undo", "state.ledger")
+DATABASES = ("log", "id_gens", "folded", "undo", "state_gens.ledger")
+GENERATIONAL = frozenset({"id_gens", "state_gens.ledger"})
 FSYNC_WRITES_MAX = 2_000
 FSYNC_SECONDS_MAX = 3.0
 
@@ -69,18 +74,31 @@ class RawWorkload:
         self.seq = ACCOUNTS
         self.stamp = wall_ms() << LOGICAL_BITS
         self.balances = dict.fromkeys(range(ACCOUNTS), 0)
+        self.generation = 0
+        self.generation_before = 0
+        """Sequence number before the generation's first command."""
+        self.generation_commands = StoreConfig().generation_commands
+
+    def end_generation_if_full(self) -> bool:
+        """Start a new generation after a commit, as `Txn.end_full_generation`
+        does; return whether it started one."""
+        if self.seq - self.generation_before < self.generation_commands:
+            return False
+        self.generation, self.generation_before = self.generation + 1, self.seq
+        return True
 
     def batch_puts(self, batch: list[RawCommand]) -> list[tuple[str, bytes, bytes]]:
         """Return `(database, key, value)` puts in the order the engine makes them."""
         log_and_ids: list[tuple[str, bytes, bytes]] = []
         folded_and_undo: list[tuple[str, bytes, bytes]] = []
         state: dict[bytes, bytes] = {}
+        prefix = generation_prefix(self.generation)
         for key, type_name, payload in batch:
             self.seq += 1
             self.stamp += 1
             record = codec.pack([key, type_name, payload, self.stamp, RAW_ORIGIN])
             log_and_ids.append(("log", seq_key(self.seq), record))
-            log_and_ids.append(("id_seqs", key.encode(), seq_key(self.seq)))
+            log_and_ids.append(("id_gens", prefix + key.encode(), seq_key(self.seq)))
 
             account = payload["account"]
             index = int(account.removeprefix("acct-"))
@@ -107,7 +125,9 @@ class RawWorkload:
             folded_value = seq_key(self.seq) + codec.pack(outcome)
             folded_and_undo.append(("folded", folded_key, folded_value))
             folded_and_undo.append(("undo", folded_key, codec.pack(undo)))
-        state_puts = [("state.ledger", key, value) for key, value in state.items()]
+        state_puts = [
+            ("state_gens.ledger", prefix + key, value) for key, value in state.items()
+        ]
         return log_and_ids + folded_and_undo + state_puts
 
 
@@ -160,7 +180,7 @@ def _commit(
     dbs: dict[str, Any],
     puts: list[tuple[str, bytes, bytes]],
     *,
-    stamp: int,
+    workload: RawWorkload,
     undo_keep: int | None,
 ) -> None:
     """Write one transaction as the engine does: puts, meta puts, undo trim."""
@@ -169,7 +189,7 @@ def _commit(
             txn.put(key, value, db=dbs[name], append=name == "log")
         txn.put(b"state_digest", bytes(32), db=dbs["meta"])
         txn.put(b"log_digest", bytes(32), db=dbs["meta"])
-        txn.put(b"clock", codec.pack(stamp), db=dbs["meta"])
+        txn.put(b"clock", codec.pack(workload.stamp), db=dbs["meta"])
         if undo_keep is not None:
             excess = txn.stat(dbs["undo"])["entries"] - undo_keep
             if excess > 0:
@@ -177,6 +197,9 @@ def _commit(
                 cursor.first()
                 for _ in range(excess):
                     cursor.delete()
+        if workload.end_generation_if_full():
+            generation = [workload.generation, workload.generation_before]
+            txn.put(b"generation", codec.pack(generation), db=dbs["meta"])
 
 
 def measure_raw(
@@ -217,7 +240,7 @@ def measure_raw(
                 chunk = puts[offset : offset + step]
                 meter.before()
                 started = time.perf_counter()
-                _commit(env, dbs, chunk, stamp=workload.stamp, undo_keep=undo_keep)
+                _commit(env, dbs, chunk, workload=workload, undo_keep=undo_keep)
                 result.seconds += time.perf_counter() - started
                 meter.after()
                 result.puts += len(chunk)
@@ -250,7 +273,7 @@ def measure_raw_filled(
             if env.info()["map_size"] - _used_bytes(env) < MAP_HEADROOM_BYTES:
                 env.set_mapsize(env.info()["map_size"] * 2)
             puts = workload.batch_puts(batch)
-            _commit(env, dbs, puts, stamp=workload.stamp, undo_keep=undo_keep)
+            _commit(env, dbs, puts, workload=workload, undo_keep=undo_keep)
         env.sync(True)
     finally:
         env.close()
@@ -307,17 +330,36 @@ def measure_fsync(directory: Path) -> float:
 
 
 def tree_stats(data_dir: Path) -> list[dict[str, Any]]:
-    """Return depth, page counts and entries of each named database of a store."""
+    """Return depth, page counts and entries of each named database of a
+    store, and for those kept in generations the entries of the newest."""
     env = lmdb.open(str(data_dir), readonly=True, max_dbs=64, lock=False)
     try:
         rows = []
         for name in DATABASES:
             db = env.open_db(name.encode(), create=False)
             with env.begin() as txn:
-                rows.append({"db": name, **txn.stat(db)})
+                row = {"db": name, **txn.stat(db)}
+                if name in GENERATIONAL:
+                    row["newest_entries"] = _newest_generation_entries(txn, db)
+                rows.append(row)
         return rows
     finally:
         env.close()
+
+
+def _newest_generation_entries(txn: lmdb.Transaction, db: Any) -> int:
+    cursor = txn.cursor(db=db)
+    if not cursor.last():
+        return 0
+    cursor.set_range(bytes(cursor.key()[:GENERATION_BYTES]))
+    return sum(1 for _key in cursor.iternext(values=False))
+
+
+def newest_generation_leaves(tree: dict[str, Any]) -> float:
+    """Return the leaf pages of a tree's newest generation, at the tree's
+    mean entries per leaf: the leaves its random puts land on."""
+    entries = max(tree["entries"], 1)
+    return float(tree["leaf_pages"] * tree.get("newest_entries", entries) / entries)
 
 
 def distinct_leaves_expected(leaf_pages: int, random_puts: int) -> float:

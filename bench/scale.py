@@ -2,7 +2,7 @@
 
 The target: with 10,000,000 commands stored, appends run at no less than
 80% of the empty-store rate. The dedupe lookup of each Idempotency-Key
-must not slow down as the ID index (`id_seqs`) grows.
+must not slow down as the ID index (`id_gens`) grows.
 
 1. Fill: one data directory gets N commands through `Database.submit`, the
    workload of `bench.core` (1,000 `ledger.open`, then deposits and charges
@@ -54,6 +54,7 @@ from bench.lmdb_ceiling import (
     measure_fsync,
     measure_raw,
     measure_raw_filled,
+    newest_generation_leaves,
     store_flags,
     tree_stats,
 )
@@ -115,7 +116,8 @@ FILLED = "filled"
 EMPTY = "empty"
 STORES = (EMPTY, FILLED)
 CHARGES = round(BATCH_COMMANDS * (1 - DEPOSIT_SHARE))
-"""Charges per batch on average, each with a `state.ledger` put under a random key."""
+"""Charges per batch on average, each with a `state_gens.ledger` put under a
+random key."""
 
 
 class DiskSpaceError(RuntimeError):
@@ -679,16 +681,21 @@ def _tree_field(name: str, field: str) -> Getter:
 
 
 def _expected_pages(name: str, random_puts: int) -> Getter:
-    """Return a getter of the leaf and lowest branch pages `random_puts` keys touch.
+    """Return a getter of the leaf and lowest branch pages `random_puts` keys
+    touch in the newest generation, where every put lands.
 
     It counts every branch page as if it sat just above the leaves, as
-    nearly all of them do, and leaves out the few pages above those.
+    nearly all of them do, gives the newest generation its share of the
+    tree's pages by entries, and leaves out the few pages above those.
     """
 
     def expected(run: dict[str, Any]) -> float:
         tree = _tree(run, name)
-        leaves = distinct_leaves_expected(tree["leaf_pages"], random_puts)
-        return leaves + distinct_leaves_expected(tree["branch_pages"], random_puts)
+        leaves = newest_generation_leaves(tree)
+        branches = tree["branch_pages"] * leaves / max(tree["leaf_pages"], 1)
+        return distinct_leaves_expected(leaves, random_puts) + distinct_leaves_expected(
+            branches, random_puts
+        )
 
     return expected
 
@@ -766,8 +773,8 @@ def render_summary(results: dict[str, Any]) -> str:
         _row(results, "pages dirtied per commit", _pages),
         _row(
             results,
-            "`id_seqs` depth after the run",
-            _tree_field("id_seqs", "depth"),
+            "`id_gens` depth after the run",
+            _tree_field("id_gens", "depth"),
         ),
         _row(results, "µs per ID lookup of a new key", _lookup_us("new_us"), "{:.2f}"),
     ]
@@ -811,7 +818,10 @@ def render_summary(results: dict[str, Any]) -> str:
 def render_diagnosis(results: dict[str, Any]) -> str:
     """Tabulate where the two stores differ: trees, pages, sync, lookups."""
     rows = []
-    for name, random_puts in (("id_seqs", BATCH_COMMANDS), ("state.ledger", CHARGES)):
+    for name, random_puts in (
+        ("id_gens", BATCH_COMMANDS),
+        ("state_gens.ledger", CHARGES),
+    ):
         rows += [
             _row(results, f"`{name}` depth", _tree_field(name, "depth")),
             _row(results, f"`{name}` branch pages", _tree_field(name, "branch_pages")),

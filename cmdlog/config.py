@@ -12,7 +12,7 @@ KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the on-disk layout; a node refuses a data directory of another."""
 
 
@@ -28,6 +28,11 @@ class StoreConfig:
     undo_horizon_commands: int = 100_000
     """Undo records kept for the most recently folded commands. An arrival that
     sorts before all of them is folded by a full re-fold instead of a rewind."""
+    generation_commands: int = 65_536
+    """Commands after which the ID index and the state start writing a new
+    generation (see `cmdlog/generations.py`). Smaller keeps each commit's
+    random writes among fewer pages; larger makes fewer generations for a
+    read to look through when the key filter cannot rule a key out."""
     readers_max: int = 256
     durable: bool = True
     """Sync every commit to disk. Only tests of other things turn this off."""

@@ -132,28 +132,20 @@ class _Batch:
             self.ids[command_id] = entry
         return self.ids[command_id]
 
-    def id_put(
-        self, command: Command, seq: int, fingerprint: bytes, *, overwrite: bool = True
-    ) -> bool:
-        """Store the ID's entry, unless `overwrite` is False and the ID is stored.
-
-        Returns whether the entry was stored.
-        """
-        stored = self.txn.id_put(command.id, seq, overwrite=overwrite)
-        if stored:
-            self.ids[command.id] = [seq, fingerprint, command.stamp, command.origin]
-        return stored
+    def id_put(self, command: Command, seq: int, fingerprint: bytes) -> None:
+        """Point the ID at log entry `seq`, whatever it pointed at before."""
+        self.txn.id_put(command.id, seq)
+        self.ids[command.id] = [seq, fingerprint, command.stamp, command.origin]
 
     def claim(self, command: Command, fingerprint: bytes) -> int | None:
         """Append `command` and give it its ID, unless the ID is taken.
 
         Returns the new log sequence number, or None when the ID is stored.
         """
-        if self.ids.get(command.id) is not None:
+        if self.id_get(command.id) is not None:  # read once per transaction
             return None
         seq = self.last_seq + 1
-        if not self.id_put(command, seq, fingerprint, overwrite=False):
-            return None
+        self.id_put(command, seq, fingerprint)
         self.append(command)
         return seq
 
@@ -169,7 +161,7 @@ class _Batch:
                 self.state_digest -= hashes.take(domain, key, base)
             if current is not None:
                 self.state_digest += hashes.put(domain, key, current)
-            self.txn.state_put(domain, key, current)
+            self.txn.state_put(domain, key, current, stored=base is not None)
         self.overlay = StateOverlay(self.txn.state_get)
 
     def finish(self, clock: HybridClock) -> None:
@@ -630,7 +622,7 @@ class Engine:
             type_name = txn.log_get(seq)[1]
             pending_types[type_name] = pending_types.get(type_name, 0) + 1
         return Status(
-            commands=txn.count("id_seqs"),
+            commands=txn.command_count(),
             applied=txn.count("folded"),
             pending=txn.count("pending"),
             log_entries=txn.log_last_seq(),

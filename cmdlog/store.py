@@ -6,11 +6,11 @@ Named databases, each with its key and value layout:
   next sequence number, digests).
 - `log`: local sequence number (8 bytes, big-endian) -> command record, in
   local append order. Append-only.
-- `id_seqs`: command ID -> seq (8 bytes, big-endian) of the copy the node
-  folds (the one that sorts first in canonical order). The command itself
-  is in the log entry at seq. Random IDs (UUID4 keys) land on random leaves,
-  so each new one rewrites a leaf page, and small entries keep that tree
-  small. IDs that grow in order (counters, UUID7) land on the last leaves.
+- `id_gens`: generation + command ID -> seq (8 bytes, big-endian) of the
+  copy the node folds (the one that sorts first in canonical order). The
+  command itself is in the log entry at seq. Keys are kept in generations
+  (see `cmdlog/generations.py`), so random IDs land on the leaves of the
+  newest generation only, and small entries keep those few.
 - `folded`: order key -> seq (8 bytes) followed by the packed outcome
   `[status, result, reason]`, for every command in the fold; iterating it
   is iterating the fold order.
@@ -30,7 +30,10 @@ Named databases, each with its key and value layout:
   skips them while it still runs as that process.
 - `catalog`: command type -> fingerprint of its handler code, recorded the
   first time the node folded a command of that type.
-- `state.DOMAIN`: one per domain, handler key -> msgpack value.
+- `state_gens.DOMAIN`: one per domain, generation + handler key -> msgpack
+  value, or empty for a key deleted while an older generation holds it.
+- `generation` in `meta`: `[number, last seq before it]` of the generation
+  being written.
 
 Only the writer thread opens write transactions. Reads from other threads
 go through `read()`, which also lets the writer grow the map: LMDB allows
@@ -47,6 +50,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,21 +66,27 @@ from cmdlog.errors import (
     StorageFull,
     VersionMismatch,
 )
+from cmdlog.generations import (
+    GenerationTree,
+    generation_prefix,
+    newest_first,
+)
 
 log = structlog.get_logger(__name__)
 
 SEQ_BYTES = 8
 _CORE_DBS = (
-    "meta", "log", "id_seqs", "folded", "pending", "undo", "conflicts", "superseded",
+    "meta", "log", "id_gens", "folded", "pending", "undo", "conflicts", "superseded",
     "peers", "catalog", "sources",
 )  # fmt: skip
-_ADDED_DBS = frozenset({"sources", "id_seqs"})
+_ADDED_DBS = frozenset({"sources", "id_gens"})
 """Databases that a store written by an older release may lack."""
 KEY_BYTES_MAX = 511
 """LMDB's limit on a key (`max_key_size()` in py-lmdb 3.0)."""
 _UPGRADE_CHUNK_ENTRIES = 50_000
 """Entries an upgrade moves per write transaction."""
-_STATE_PREFIX = "state."
+_STATE_PREFIX = "state_gens."
+_STATE_PREFIX_V2 = b"state."
 _DBS_MAX = 64
 DISK_FREE_BYTES_MIN = 16 * 1024 * 1024
 """Below this much free space, a failed write is reported as a full disk."""
@@ -171,13 +181,43 @@ class Txn:
     arguments on every call, which took 180 ns of a 360 ns put.
     """
 
-    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+    def __init__(
+        self, store: Store, txn: lmdb.Transaction, *, write: bool = False
+    ) -> None:
         self._store = store
         # lmdb's stubs type every read as bytes | memoryview; every transaction
         # here is opened with buffers=False, so reads are bytes.
         self.raw: Any = txn
         self._dbs = store._dbs
-        self._state_dbs = store._state_dbs
+        self._ids = store._ids
+        self._state = store._state
+        self._prefixes = store._prefixes
+        """Generations to read, newest first: the store's, which a writer
+        advances before it commits, so they cover this snapshot."""
+        if store.readonly:
+            # Another process may be writing: read its generation here.
+            self._prefixes = newest_first(self.generation()[0])
+        self._prefix = b""
+        """The generation this transaction writes."""
+        if write:
+            self._prefix = generation_prefix(self.generation()[0])
+
+    def generation(self) -> list[int]:
+        """Return `[number, last seq before it]` of the generation being written."""
+        found = self.meta_get("generation")
+        return [0, 0] if found is None else found
+
+    def end_full_generation(self) -> None:
+        """Start a new generation if the one this transaction wrote is full.
+
+        The store's readers look in it from now on, even if this transaction
+        aborts: a generation with nothing in it costs a lookup, no more.
+        """
+        number, before = self.generation()
+        last_seq = self.log_last_seq()
+        if last_seq - before >= self._store.config.generation_commands:
+            self.meta_put("generation", [number + 1, last_seq])
+            self._store.reach_generation(number + 1)
 
     # meta
 
@@ -232,25 +272,13 @@ class Txn:
 
     def id_get(self, command_id: str) -> int | None:
         """Return the log sequence number of the ID's folded copy, or None."""
-        data = self.raw.get(command_id.encode(), None, self._dbs["id_seqs"])
+        data = self._ids.get(self.raw, self._prefixes, command_id.encode())
         return None if data is None else int.from_bytes(data, "big")
 
-    def id_put(self, command_id: str, seq: int, *, overwrite: bool = True) -> bool:
-        """Point the ID at log entry `seq`, or with `overwrite=False` only if
-        the ID is new.
-
-        Returns whether the entry was stored. One put with `overwrite=False`
-        costs one tree descent, where a get and then a put cost two.
-        """
-        stored: bool = self.raw.put(
-            command_id.encode(),
-            seq.to_bytes(SEQ_BYTES, "big"),
-            True,
-            overwrite,
-            False,
-            self._dbs["id_seqs"],
-        )
-        return stored
+    def id_put(self, command_id: str, seq: int) -> None:
+        """Point the ID at log entry `seq`, whatever it pointed at before."""
+        key = command_id.encode()
+        self._ids.put(self.raw, self._prefix, key, seq.to_bytes(SEQ_BYTES, "big"))
 
     # folded commands and their outcomes
 
@@ -416,27 +444,32 @@ class Txn:
     # domain state
 
     def state_get(self, domain: str, key: bytes) -> bytes | None:
-        return self.raw.get(key, None, self._state_dbs[domain])  # type: ignore[no-any-return]
+        return self._state[domain].get(self.raw, self._prefixes, key)
 
-    def state_put(self, domain: str, key: bytes, value: bytes | None) -> None:
-        db = self._state_dbs[domain]
+    def state_put(
+        self, domain: str, key: bytes, value: bytes | None, *, stored: bool = False
+    ) -> None:
+        """Write a state key, or delete it when `value` is None. `stored`
+        says it holds a value already (so the key filter has it)."""
+        tree = self._state[domain]
         if value is None:
-            self.raw.delete(key, b"", db)
+            tree.delete(self.raw, self._prefixes, self._prefix, key)
         else:
-            self.raw.put(key, value, True, True, False, db)
-
-    def state_iter(self, domain: str) -> Iterator[tuple[bytes, bytes]]:
-        cursor = self.raw.cursor(db=self._store.state_db(domain))
-        yield from cursor
+            tree.put(self.raw, self._prefix, key, value, stored=stored)
 
     def state_drop_all(self) -> None:
-        for domain in self._store.domains:
-            self.raw.drop(self._store.state_db(domain), delete=False)
+        for tree in self._state.values():
+            self.raw.drop(tree.db, delete=False)
 
     # counts
 
     def count(self, db_name: str) -> int:
         return int(self.raw.stat(self._dbs[db_name])["entries"])
+
+    def command_count(self) -> int:
+        """Return how many IDs the store holds: each has one copy that is
+        either folded or held."""
+        return self.count("folded") + self.count("pending")
 
 
 class DirectoryLock:
@@ -471,6 +504,16 @@ class DirectoryLock:
             self._fd = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Move:
+    """One database an upgrade copies into another, entry by entry."""
+
+    old: Any
+    new: Any
+    convert: Callable[[bytes, bytes], tuple[bytes, bytes]]
+    """Turns an old entry into the new one; must keep the keys' order."""
+
+
 class Store:
     """An LMDB environment holding one node's log, indexes and state.
 
@@ -491,6 +534,8 @@ class Store:
         self.path = Path(path)
         self.config = config or StoreConfig()
         self.domains = list(domains)
+        self.readonly = readonly
+        self._prefixes: tuple[bytes, ...] = newest_first(0)
         self._gate = _ReadGate()
         self._write_lock = threading.Lock()
         self._lock: DirectoryLock | None = None
@@ -532,7 +577,7 @@ class Store:
             log.info("stale_readers_cleared", count=stale_readers, path=str(self.path))
 
         self._dbs: dict[str, Any] = {}
-        self._state_dbs: dict[str, Any] = {}
+        self._state: dict[str, GenerationTree] = {}
         for name in _CORE_DBS:
             try:
                 self._dbs[name] = self.env.open_db(name.encode(), create=not readonly)
@@ -540,26 +585,41 @@ class Store:
                 if name not in _ADDED_DBS:
                     raise
                 self._dbs[name] = None  # read-only, and older than this database
+        self._ids = GenerationTree(self._dbs["id_gens"], None)
         for domain in self.domains:
             self._open_state_db(domain, create=not readonly)
         try:
             self._check_format(readonly=readonly, upgrade=upgrade)
+            if not readonly:
+                self._build_filters()
         except BaseException:
             self.env.close()
             raise
 
-    def _open_state_db(self, domain: str, *, create: bool) -> Any:
+    def _open_state_db(self, domain: str, *, create: bool) -> None:
         name = (_STATE_PREFIX + domain).encode()
         try:
             db = self.env.open_db(name, create=create)
         except lmdb.NotFoundError:
             # A read-only store that never saw this domain: use an empty one.
-            return None
-        self._state_dbs[domain] = db
-        return db
+            return
+        self._state[domain] = GenerationTree(db, None)
 
-    def state_db(self, domain: str) -> Any:
-        return self._state_dbs[domain]
+    def _build_filters(self) -> None:
+        """Read every stored key into the filters, and the newest generation."""
+        started = time.monotonic()
+        with self.read() as txn:
+            self.reach_generation(txn.generation()[0])
+            for tree in (self._ids, *self._state.values()):
+                tree.build_filter(txn.raw)
+        seconds = time.monotonic() - started
+        if seconds > 1.0:
+            log.info("key_filters_built", seconds=round(seconds, 3))
+
+    def reach_generation(self, number: int) -> None:
+        """Make reads look in generations up to `number`."""
+        if number >= len(self._prefixes):
+            self._prefixes = newest_first(number)
 
     def _check_format(self, *, readonly: bool, upgrade: bool) -> None:
         with self.read() as txn:
@@ -605,43 +665,91 @@ class Store:
     def _upgrade_ids_to_seqs(self) -> None:
         """Format 1 to 2: move `ids` (command ID -> `[seq, fingerprint,
         stamp, origin]`) to `id_seqs` (command ID -> seq), then drop `ids`."""
-        old = self.env.open_db(b"ids", create=False)
-        new = self._dbs["id_seqs"]
+        move = _Move(
+            self.env.open_db(b"ids", create=False),
+            self.env.open_db(b"id_seqs", create=True),
+            lambda key, value: (key, seq_key(codec.unpack(value)[0])),
+        )
+        self._move_in_chunks([move], "upgrade_ids_after", 2)
+
+    def _upgrade_to_generations(self) -> None:
+        """Format 2 to 3: move `id_seqs` and each `state.DOMAIN` into
+        generation 0 of `id_gens` and `state_gens.DOMAIN`, then drop them."""
+        first = generation_prefix(0)
+
+        def to_first_generation(key: bytes, value: bytes) -> tuple[bytes, bytes]:
+            return first + key, value
+
+        with self.read() as txn:
+            names = [key for key, _value in txn.raw.cursor()]
+        moves = [
+            _Move(
+                self.env.open_db(name, create=False),
+                self.env.open_db(
+                    _STATE_PREFIX.encode() + name[len(_STATE_PREFIX_V2) :]
+                ),
+                to_first_generation,
+            )
+            for name in names
+            if name.startswith(_STATE_PREFIX_V2)
+        ]
+        if b"id_seqs" in names:
+            ids = self.env.open_db(b"id_seqs", create=False)
+            moves.insert(0, _Move(ids, self._dbs["id_gens"], to_first_generation))
+        self._move_in_chunks(moves, "upgrade_generations_after", 3)
+
+    def _move_in_chunks(self, moves: list[_Move], progress: str, version: int) -> None:
+        """Copy every entry of each move's old database to its new one, in
+        commits of `_UPGRADE_CHUNK_ENTRIES`, then drop the old databases and
+        record format `version`, all in the last commit.
+
+        The progress recorded between commits holds the log's last seq too.
+        An older release run on the store between two upgrade runs writes
+        the old databases behind the point reached, and appends to the log
+        whenever it does, so a changed last seq makes the moves start over.
+        """
 
         def move_chunk(txn: Txn) -> bool:
-            # The progress records the log's last seq too. A format-1 release
-            # run on the store between two upgrade runs adds IDs to `ids`
-            # behind the point reached, and appends to the log whenever it
-            # does, so a changed last seq makes the move start over.
             last_seq = txn.log_last_seq()
-            after: bytes | None = None
-            progress = txn.meta_get("upgrade_ids_after")
-            if isinstance(progress, list) and progress[1] == last_seq:
-                after = progress[0]
-            elif progress is not None:
-                txn.raw.drop(new, delete=False)
+            index, after = 0, None
+            found_progress = txn.meta_get(progress)
+            if (
+                isinstance(found_progress, list)
+                and len(found_progress) == 3
+                and found_progress[-1] == last_seq
+            ):
+                index, after = found_progress[0], found_progress[1]
+            elif found_progress is not None:
+                for move in moves:
+                    txn.raw.drop(move.new, delete=False)
 
-            cursor = txn.raw.cursor(db=old)
-            found = cursor.set_range(after) if after is not None else cursor.first()
-            if found and cursor.key() == after:
-                found = cursor.next()
             moved = 0
-            while found and moved < _UPGRADE_CHUNK_ENTRIES:
-                raw_id, value = cursor.item()
-                seq = codec.unpack(value)[0]
-                # `ids` yields its keys in order, and `id_seqs` contains only
-                # keys before them, so every put is an append.
-                appended = txn.raw.put(raw_id, seq_key(seq), db=new, append=True)
-                assert appended, f"upgrade met ID {raw_id!r} out of order"
-                after, moved = raw_id, moved + 1
-                found = cursor.next()
+            while index < len(moves) and moved < _UPGRADE_CHUNK_ENTRIES:
+                move = moves[index]
+                cursor = txn.raw.cursor(db=move.old)
+                found = cursor.set_range(after) if after is not None else cursor.first()
+                if found and cursor.key() == after:
+                    found = cursor.next()
+                while found and moved < _UPGRADE_CHUNK_ENTRIES:
+                    key, value = cursor.item()
+                    # The old database yields its keys in order and the new
+                    # one holds only keys before them, so every put appends.
+                    new_key, new_value = move.convert(key, value)
+                    appended = txn.raw.put(new_key, new_value, db=move.new, append=True)
+                    assert appended, f"upgrade met key {key!r} out of order"
+                    after, moved = key, moved + 1
+                    found = cursor.next()
+                if found:
+                    break
+                index, after = index + 1, None
 
-            if found:
-                txn.meta_put("upgrade_ids_after", [after, last_seq])
+            if index < len(moves):
+                txn.meta_put(progress, [index, after, last_seq])
                 return False
-            txn.raw.drop(old, delete=True)
-            txn.raw.delete(b"upgrade_ids_after", db=self._dbs["meta"])
-            txn.meta_put("format_version", 2)
+            for move in moves:
+                txn.raw.drop(move.old, delete=True)
+            txn.raw.delete(progress.encode(), db=self._dbs["meta"])
+            txn.meta_put("format_version", version)
             return True
 
         while not self.write(move_chunk):
@@ -666,7 +774,10 @@ class Store:
             for _attempt in range(self.config.map_grow_attempts_max):
                 try:
                     with self.env.begin(write=True, buffers=False) as raw:
-                        return work(Txn(self, raw))
+                        txn = Txn(self, raw, write=True)
+                        result = work(txn)
+                        txn.end_full_generation()
+                        return result
                 except lmdb.MapFullError:
                     self._grow(reason="map_full")
                 except (lmdb.Error, OSError) as exc:
@@ -735,5 +846,6 @@ def remove_store_files(path: Path) -> None:
 
 _UPGRADES: dict[int, Callable[[Store], None]] = {
     1: Store._upgrade_ids_to_seqs,
+    2: Store._upgrade_to_generations,
 }
 """For each older format version, the step that writes the next version."""

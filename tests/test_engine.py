@@ -140,8 +140,9 @@ def scratch() -> Iterator[Path]:
         yield Path(path)
 
 
-def open_db(path: Path, horizon: int = 100_000) -> Database:
-    return Database(path, APP, store_config=fast_store(undo_horizon_commands=horizon))
+def open_db(path: Path, horizon: int = 100_000, generation: int = 65_536) -> Database:
+    config = fast_store(undo_horizon_commands=horizon, generation_commands=generation)
+    return Database(path, APP, store_config=config)
 
 
 @settings(
@@ -149,19 +150,33 @@ def open_db(path: Path, horizon: int = 100_000) -> Database:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(data=st.data(), copies=command_sets(), horizon=st.sampled_from([2, 100_000]))
+@given(
+    data=st.data(),
+    copies=command_sets(),
+    horizon=st.sampled_from([2, 100_000]),
+    generation=st.sampled_from([1, 3, 65_536]),
+)
 def test_any_delivery_matches_canonical_fold(
-    data: st.DataObject, copies: list[Command], horizon: int
+    data: st.DataObject, copies: list[Command], horizon: int, generation: int
 ) -> None:
     """Any delivery order and duplication gives the canonical fold's outcomes
     and digests, with rewinds inside the undo horizon and full re-folds
-    beyond it, and a replay of the resulting log gives the same digests."""
+    beyond it, and a replay of the resulting log gives the same digests.
+
+    The store starts a new generation of its ID index and state every 1 or
+    3 commands or almost never, and reopens at any point (which builds its
+    key filters again), so IDs and state keys are read, overwritten and
+    deleted across generations."""
     expected_outcomes, expected_state, expected_log = reference_fold(copies)
     batches = data.draw(deliveries(copies))
+    reopen_after = data.draw(st.integers(0, len(batches)))
     with tempfile.TemporaryDirectory() as path:
-        db = open_db(Path(path), horizon)
+        db = open_db(Path(path), horizon, generation)
         try:
-            for batch in batches:
+            for position, batch in enumerate(batches):
+                if position == reopen_after:
+                    db.close()
+                    db = open_db(Path(path), horizon, generation)
                 db.ingest(batch)
             status = db.status()
             assert status.commands == len(expected_outcomes)

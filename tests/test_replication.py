@@ -230,7 +230,7 @@ async def test_killed_puller_resumes_without_gap(node_factory: Factory) -> None:
                     seq for seq, command_id in source_ids.items()
                     if seq <= cursor and txn.id_get(command_id) is None
                 ]  # fmt: skip
-                stored = txn.count("id_seqs")
+                stored = txn.command_count()
         finally:
             store.close()
         assert 0 < cursor < total

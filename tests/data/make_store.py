@@ -1,12 +1,14 @@
-"""Make the format-1 store of tests/test_store_upgrade.py and record what it holds.
+"""Make the stores of older formats in tests/test_store_upgrade.py and record
+what each holds.
 
-It ran once on the code of commit 5b02264, the last release to write format 1:
+It ran once on the last release to write each format, commit 5b02264 for
+format 1 and commit 64a66f4 for format 2 (N below):
 
-    git worktree add /tmp/v1 5b02264
-    cd /tmp/v1 && python /path/to/make_store_v1.py OUT > OUT/out.txt
-    tar czf store-v1.tar.gz -C OUT/store data.mdb
+    git worktree add /tmp/vN COMMIT
+    cd /tmp/vN && python /path/to/make_store.py OUT > OUT/out.txt
+    tar czf store-vN.tar.gz -C OUT/store data.mdb
 
-The JSON after the log lines of out.txt is store-v1.json: the view of each
+The JSON after the log lines of out.txt is store-vN.json: the view of each
 ID and the status, as that release read them back.
 """
 

@@ -1,0 +1,208 @@
+"""Generations of the ID index and the state, and their key filters.
+
+The tree tests run on real LMDB files against a dict as the model; the
+store tests check what the engine relies on across generations: dedupe of
+an old ID, reads of an old state key, and readers in another process.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cmdlog.apps.example import app
+from cmdlog.database import Database
+from cmdlog.engine import prepare_submission
+from cmdlog.generations import (
+    TOMBSTONE,
+    GenerationTree,
+    KeyFilter,
+    generation_prefix,
+    newest_first,
+)
+from tests.conftest import fast_store
+
+keys = st.binary(min_size=1, max_size=40)
+
+
+@settings(max_examples=50, deadline=None)
+@given(added=st.lists(keys, max_size=3_000), first_layer_keys=st.integers(0, 5_000))
+def test_filter_keeps_every_key_added(
+    added: list[bytes], first_layer_keys: int
+) -> None:
+    """No key added is ever reported absent, also after the filter has grown
+    layers past the keys it was sized for."""
+    key_filter = KeyFilter(first_layer_keys)
+    for key in added:
+        key_filter.add(key)
+    assert all(key in key_filter for key in added)
+
+
+def test_filter_grows_and_keeps_false_positives_rare() -> None:
+    """Filled to four times its first size, so with three layers, the filter
+    still tells at least 98.5% of keys never added apart (about 0.5% pass
+    each full layer), and every added key passes."""
+    rng = random.Random(7)
+    key_filter = KeyFilter(0)
+    added = [rng.randbytes(16) for _ in range(4 * 65_536)]
+    for key in added:
+        key_filter.add(key)
+    assert all(key in key_filter for key in added)
+    others = [rng.randbytes(17) for _ in range(100_000)]
+    passed = sum(key in key_filter for key in others)
+    assert len(key_filter._layers) > 1
+    assert passed < 1_500, passed
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[lmdb.Environment, Any]]:
+    environment = lmdb.open(str(tmp_path), max_dbs=2, map_size=64 << 20, sync=False)
+    yield environment, environment.open_db(b"tree")
+    environment.close()
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"), st.integers(0, 30), st.binary(min_size=1, max_size=8)
+        ),
+        st.tuples(st.just("delete"), st.integers(0, 30), st.just(b"")),
+        st.tuples(st.just("next"), st.just(0), st.just(b"")),
+        st.tuples(st.just("reopen"), st.just(0), st.just(b"")),
+    ),
+    max_size=120,
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=operations, filtered=st.booleans())
+def test_tree_reads_as_a_dict(
+    env: tuple[lmdb.Environment, Any], ops: list[tuple[str, int, bytes]], filtered: bool
+) -> None:
+    """Puts and deletes spread over any number of generations read back as
+    one dict: the newest value wins, a delete hides every older value, and
+    a filter rebuilt from the stored keys (as at reopen) changes nothing."""
+    environment, db = env
+    with environment.begin(write=True) as raw:
+        raw.drop(db, delete=False)
+    tree = GenerationTree(db, KeyFilter() if filtered else None)
+    model: dict[bytes, bytes] = {}
+    generation = 0
+    for op, number, value in ops:
+        key = b"key-%d" % number
+        prefixes = newest_first(generation)
+        with environment.begin(write=True) as raw:
+            if op == "put":
+                tree.put(raw, generation_prefix(generation), key, value)
+                model[key] = value
+            elif op == "delete":
+                tree.delete(raw, prefixes, generation_prefix(generation), key)
+                model.pop(key, None)
+            elif op == "next":
+                generation += 1
+            elif filtered:
+                tree.build_filter(raw)
+        with environment.begin() as raw:
+            prefixes = newest_first(generation)
+            for number in range(31):
+                key = b"key-%d" % number
+                assert tree.get(raw, prefixes, key) == model.get(key), key
+
+    # A tombstone is kept only over a value in an older generation.
+    with environment.begin() as raw:
+        for stored_key, value in list(raw.cursor(db=db)):
+            if value == TOMBSTONE:
+                prefix, key = stored_key[:4], stored_key[4:]
+                older = [p for p in newest_first(generation) if p < prefix]
+                assert GenerationTree(db, None).get(raw, older, key) is not None
+
+
+def _submit(db: Database, key: str, type_name: str, payload: dict[str, Any]) -> bool:
+    return db.submit([prepare_submission(app, key, type_name, payload)])[0].created
+
+
+def test_old_id_and_old_state_found_after_many_generations(tmp_path: Path) -> None:
+    """An ID and an account written generations ago, and a charge reference,
+    are still found: their retries take no effect, after a reopen too."""
+    config = fast_store(generation_commands=2)
+    db = Database(tmp_path, app, store_config=config)
+    try:
+        assert _submit(db, "open", "ledger.open", {"account": "a", "currency": "EUR"})
+        assert _submit(db, "dep", "ledger.deposit", {"account": "a", "amount": 100})
+        charge = {"account": "a", "amount": 30, "reference": "inv-1"}
+        assert _submit(db, "charge", "ledger.charge", charge)
+        for i in range(20):
+            user = {"username": f"user{i}", "display_name": "U"}
+            assert _submit(db, f"user-{i}", "users.register", user)
+        with db.store.read() as txn:
+            generation = txn.generation()[0]
+        assert generation >= 10
+    finally:
+        db.close()
+
+    db = Database(tmp_path, app, store_config=config)
+    try:
+        assert not _submit(db, "dep", "ledger.deposit", {"account": "a", "amount": 100})
+        assert not _submit(db, "charge-again", "ledger.charge", charge)
+        assert db.query("ledger.balance", {"account": "a"})["balance"] == 70
+        assert db.status().commands == 23
+    finally:
+        db.close()
+
+
+_READER = """
+import sys
+from cmdlog.apps.example import app
+from cmdlog.store import Store
+store = Store(sys.argv[1], list(app.domains), readonly=True)
+print("open", flush=True)
+sys.stdin.readline()
+with store.read() as txn:
+    found = [txn.id_get(f"user-{i}") is not None for i in range(6)]
+    print(txn.generation()[0], *found, flush=True)
+store.close()
+"""
+
+
+def test_read_only_store_follows_a_writer(tmp_path: Path) -> None:
+    """A read-only store in another process, as `cmdlog` commands open a
+    running node's data, finds IDs in generations the writer started after
+    it opened."""
+    db = Database(tmp_path, app, store_config=fast_store(generation_commands=1))
+    try:
+        assert _submit(
+            db, "user-0", "users.register", {"username": "u0", "display_name": "U"}
+        )
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert reader.stdout is not None and reader.stdin is not None
+            assert reader.stdout.readline() == "open\n"
+            for i in range(1, 5):
+                user = {"username": f"user{i}", "display_name": "U"}
+                assert _submit(db, f"user-{i}", "users.register", user)
+            output, _ = reader.communicate("go\n", timeout=30)
+        finally:
+            reader.kill()
+    finally:
+        db.close()
+    generation, *found = output.split()
+    assert int(generation) >= 4
+    assert found == ["True"] * 5 + ["False"]

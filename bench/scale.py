@@ -343,6 +343,10 @@ class AppendRun:
     trees: list[dict[str, Any]] | None = None
     page_cache_share: float | None = None
     """Share of the data file in the page cache before the run, from fincore."""
+    open_s: float = 0.0
+    """Time to open the store, key filters built from every stored key."""
+    filter_bytes: int = 0
+    """Memory of the key filters after the run."""
 
 
 def measure_append(
@@ -368,7 +372,9 @@ def measure_append(
     run.page_cache_share = (
         page_cache_share(data_dir) if (data_dir / "data.mdb").exists() else None
     )
+    started = time.perf_counter()
     database = Database(data_dir, app, store_config=config)
+    run.open_s = time.perf_counter() - started
     try:
         database.submit(account_opens(app))
         run.stored_before = database.status().commands
@@ -387,6 +393,7 @@ def measure_append(
         run.file_end_pages_per_commit = meter.result.last_pgno_growth_per_commit
         if lookup_keys:
             run.lookups = measure_lookups(database, lookup_keys, seed=seed + 1)
+        run.filter_bytes = database.store.filter_bytes()
     finally:
         database.close()
     run.trees = tree_stats(data_dir)
@@ -777,6 +784,18 @@ def render_summary(results: dict[str, Any]) -> str:
             _tree_field("id_gens", "depth"),
         ),
         _row(results, "µs per ID lookup of a new key", _lookup_us("new_us"), "{:.2f}"),
+        _row(
+            results,
+            "store open, s (key filters built from every stored key)",
+            lambda run: run["open_s"],
+            "{:.1f}",
+        ),
+        _row(
+            results,
+            "key filters after the run, MB",
+            lambda run: run["filter_bytes"] / 1e6,
+            "{:.1f}",
+        ),
     ]
     round_rows = [
         [

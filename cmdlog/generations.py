@@ -16,7 +16,7 @@ one generation, as in a new store. Older generations are only read.
 
 A read looks in the newest generation first and goes back until it finds
 the key. An empty value is a tombstone: the key was deleted while an older
-generation still holds a value for it. Most lookups are for keys never
+generation still has a value for it. Most lookups are for keys never
 stored (a new ID, a new reference), which would read every generation, so a
 writable store keeps a `KeyFilter` per database, and a key the filter has
 never seen is absent without a read.
@@ -30,11 +30,12 @@ from typing import Any
 
 GENERATION_BYTES = 4
 TOMBSTONE = b""
-"""The value of a deleted key that an older generation holds."""
+"""The value of a deleted key that an older generation has a value for."""
 _BITS_PER_KEY = 16
 _WORD_BITS = 64
 _FILTER_KEYS_MIN = 1 << 16
 _FOUND_KEYS_MAX = 1 << 16
+_GROWTH = 4
 
 
 def generation_prefix(generation: int) -> bytes:
@@ -72,8 +73,9 @@ class KeyFilter:
     and the four bits, so a test reads one word per layer. At 16 bits per
     key, a full layer passes about one key in 200 that was never added.
 
-    The filter grows by layers: when the newest holds the keys it was sized
-    for, a layer twice as large takes the new ones. Nothing is ever removed,
+    The filter grows by layers: once the newest has as many keys as it was
+    sized for, a layer four times as large takes the new ones. (A test reads
+    every layer, so fewer and larger layers test faster.) Nothing is ever removed,
     so a key deleted from the database still passes and costs one lookup.
     `hash()` of bytes differs between processes (PYTHONHASHSEED), so a
     filter is built from the database each time the store opens.
@@ -106,7 +108,7 @@ class KeyFilter:
             words[index] = old | bits
             self._room -= 1
             if self._room <= 0:
-                self._add_layer(2 * len(words) * _WORD_BITS // _BITS_PER_KEY)
+                self._add_layer(_GROWTH * len(words) * _WORD_BITS // _BITS_PER_KEY)
 
     def __contains__(self, key: bytes, _masks: tuple[int, ...] = _MASKS) -> bool:
         h = hash(key)
@@ -116,6 +118,9 @@ class KeyFilter:
             if words[h & mask] & bits == bits:
                 return True
         return False
+
+    def memory_bytes(self) -> int:
+        return sum(8 * len(words) for words, _mask in self._layers)
 
     def add_stored(self, keys: Iterable[bytes]) -> None:
         """Add each key as stored: the generation prefix, then the key."""
@@ -127,9 +132,9 @@ class KeyFilter:
 class GenerationTree:
     """One LMDB database whose keys are kept in generations.
 
-    Every method takes the raw py-lmdb transaction and, for reads, the
-    prefixes of the generations to look in, newest first; writes take the
-    prefix of the generation being written.
+    Every method takes the raw py-lmdb transaction. Reads take the prefixes
+    of the generations to look in, newest first. Writes take the prefix of
+    the generation being written.
     """
 
     __slots__ = ("_found", "db", "filter")
@@ -160,8 +165,8 @@ class GenerationTree:
     def put(
         self, raw: Any, prefix: bytes, key: bytes, value: bytes, *, stored: bool = False
     ) -> None:
-        """Write `key` in generation `prefix`. `stored` says the key is in the
-        tree already, so in the filter too."""
+        """Write `key` in generation `prefix`. With `stored`, the key is in
+        the tree already, and so in the filter."""
         raw.put(prefix + key, value, True, True, False, self.db)
         if not stored and self.filter is not None:
             self.filter.add(key)
@@ -170,14 +175,16 @@ class GenerationTree:
         self, raw: Any, prefixes: Sequence[bytes], prefix: bytes, key: bytes
     ) -> None:
         """Delete `key` as written in generation `prefix`, leaving a tombstone
-        when an older generation still holds a value for it."""
+        when an older generation still has a value for it."""
         raw.delete(prefix + key, b"", self.db)
         older = [p for p in prefixes if p < prefix]
         if self.get(raw, older, key) is not None:
             raw.put(prefix + key, TOMBSTONE, True, True, False, self.db)
 
     def build_filter(self, raw: Any) -> None:
-        """Give the tree a filter of every key it holds."""
-        key_filter = KeyFilter(2 * int(raw.stat(self.db)["entries"]))
+        """Give the tree a filter of every key stored in it, with room for a
+        quarter more before it adds a layer."""
+        entries = int(raw.stat(self.db)["entries"])
+        key_filter = KeyFilter(entries + entries // 4)
         key_filter.add_stored(raw.cursor(db=self.db).iternext(values=False))
         self.filter = key_filter

@@ -192,6 +192,14 @@ class Server:
                 "Bytes of the LMDB map in use",
                 store.used_bytes(),
             ),
+            "cmdlog_store_generation": (
+                "Generation the ID index and state are written in",
+                store.newest_generation(),
+            ),
+            "cmdlog_key_filter_bytes": (
+                "Memory of the key filters of the ID index and state",
+                store.filter_bytes(),
+            ),
             "cmdlog_writer_queue_requests": (
                 "Jobs waiting for the writer",
                 writer.queued(),

@@ -31,7 +31,8 @@ Named databases, each with its key and value layout:
 - `catalog`: command type -> fingerprint of its handler code, recorded the
   first time the node folded a command of that type.
 - `state_gens.DOMAIN`: one per domain, generation + handler key -> msgpack
-  value, or empty for a key deleted while an older generation holds it.
+  value, or empty for a key deleted while an older generation has a value
+  for it.
 - `generation` in `meta`: `[number, last seq before it]` of the generation
   being written.
 
@@ -449,8 +450,8 @@ class Txn:
     def state_put(
         self, domain: str, key: bytes, value: bytes | None, *, stored: bool = False
     ) -> None:
-        """Write a state key, or delete it when `value` is None. `stored`
-        says it holds a value already (so the key filter has it)."""
+        """Write a state key, or delete it when `value` is None. With
+        `stored`, the key has a value already, so the key filter has it."""
         tree = self._state[domain]
         if value is None:
             tree.delete(self.raw, self._prefixes, self._prefix, key)
@@ -467,8 +468,8 @@ class Txn:
         return int(self.raw.stat(self._dbs[db_name])["entries"])
 
     def command_count(self) -> int:
-        """Return how many IDs the store holds: each has one copy that is
-        either folded or held."""
+        """Return how many IDs are stored. Each has one copy, either folded
+        or held."""
         return self.count("folded") + self.count("pending")
 
 
@@ -511,7 +512,7 @@ class _Move:
     old: Any
     new: Any
     convert: Callable[[bytes, bytes], tuple[bytes, bytes]]
-    """Turns an old entry into the new one; must keep the keys' order."""
+    """Converts an old entry to the new one, keeping the keys' order."""
 
 
 class Store:
@@ -606,7 +607,8 @@ class Store:
         self._state[domain] = GenerationTree(db, None)
 
     def _build_filters(self) -> None:
-        """Read every stored key into the filters, and the newest generation."""
+        """Build the key filters from every stored key, and read the newest
+        generation."""
         started = time.monotonic()
         with self.read() as txn:
             self.reach_generation(txn.generation()[0])
@@ -615,6 +617,15 @@ class Store:
         seconds = time.monotonic() - started
         if seconds > 1.0:
             log.info("key_filters_built", seconds=round(seconds, 3))
+
+    def newest_generation(self) -> int:
+        """Return the newest generation the store's reads look in."""
+        return len(self._prefixes) - 1
+
+    def filter_bytes(self) -> int:
+        """Return the memory the key filters take."""
+        trees = (self._ids, *self._state.values())
+        return sum(t.filter.memory_bytes() for t in trees if t.filter is not None)
 
     def reach_generation(self, number: int) -> None:
         """Make reads look in generations up to `number`."""

@@ -216,7 +216,7 @@ def test_upgrade_restarts_after_old_release_writes(
     assert replay(old_dir, app).matches
 
 
-def test_read_only_open_of_old_store_names_the_fix(old_dir: Path, version: int) -> None:
+def test_read_only_open_names_the_fix(old_dir: Path, version: int) -> None:
     """A read-only open (replay, status of a stopped node) cannot upgrade, so
     its error names the command that does."""
     with pytest.raises(VersionMismatch) as raised:

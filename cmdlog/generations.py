@@ -20,6 +20,16 @@ generation still has a value for it. Most lookups are for keys never
 stored (a new ID, a new reference), which would read every generation, so a
 writable store keeps a `KeyFilter` per database, and a key the filter has
 never seen is absent without a read.
+
+So that a read of an old key (a late retry), or of a key the filter passes
+by mistake, does not look through every generation ever written, sealed
+generations are merged, as in a tiered LSM tree. Once
+`StoreConfig.merge_fan_in` runs of one level follow each other, they are
+copied in key order into one run of the next level, and deleted. A run is
+one prefix: a generation, or a merged run numbered from
+`MERGED_PREFIX_BASE` up, above every generation, so that copying into it
+appends. The store keeps the runs, newest first, as `[number, level]`
+pairs (`Runs`).
 """
 
 from __future__ import annotations
@@ -38,6 +48,13 @@ _FOUND_KEYS_MAX = 1 << 16
 _GROWTH = 4
 
 
+MERGED_PREFIX_BASE = 1 << 31
+COPYING = "copy"
+DELETING = "delete"
+Runs = list[list[int]]
+"""`[number, level]` of each run, newest first; the first is being written."""
+
+
 def generation_prefix(generation: int) -> bytes:
     return generation.to_bytes(GENERATION_BYTES, "big")
 
@@ -45,6 +62,111 @@ def generation_prefix(generation: int) -> bytes:
 def newest_first(newest: int) -> tuple[bytes, ...]:
     """Return the prefixes of generations `newest` down to 0."""
     return tuple(generation_prefix(g) for g in range(newest, -1, -1))
+
+
+def run_prefixes(runs: Runs, merge: dict[str, Any] | None = None) -> tuple[bytes, ...]:
+    """Return the prefixes to read, newest first: the runs', and while a
+    finished merge deletes its sources, those right after its run. The run
+    holds the newest version of each of their keys, so they are read only
+    for keys it does not hold."""
+    numbers = [number for number, _level in runs]
+    if merge is not None and merge["phase"] == DELETING:
+        after = numbers.index(merge["target"]) + 1
+        numbers[after:after] = merge["sources"]
+    return tuple(generation_prefix(number) for number in numbers)
+
+
+def pick_merge(runs: Runs, fan_in: int) -> tuple[int, int] | None:
+    """Return `(start, end)` of the `fan_in` oldest sealed runs of the
+    lowest level that has that many in a row, or None.
+
+    Runs of one level follow each other: new generations are level 0, and
+    a merge puts its run where its sources were.
+    """
+    levels = sorted({level for _number, level in runs[1:]})
+    for level in levels:
+        positions = [i for i in range(1, len(runs)) if runs[i][1] == level]
+        if len(positions) < fan_in:
+            continue
+        start = positions[-fan_in]
+        if positions[-1] - start == fan_in - 1:
+            return start, start + fan_in
+    return None
+
+
+def copy_step(
+    raw: Any,
+    db: Any,
+    sources: Sequence[bytes],
+    target: bytes,
+    after: bytes | None,
+    budget: int,
+    *,
+    keep_tombstones: bool,
+) -> tuple[bytes | None, int]:
+    """Copy the next keys after `after` from the `sources` runs (newest
+    first) into `target`, the newest version of each key.
+
+    Returns the last key copied, or None when every key is, and the
+    entries read. Every key up to the returned one has been read from
+    every source: each source reads at most its share of `budget`, and
+    only keys up to the smallest last key of the sources that stopped
+    short are copied.
+    """
+    share = max(budget // len(sources), 1)
+    entries: list[tuple[bytes, int, bytes]] = []
+    bound: bytes | None = None
+    cursor = raw.cursor(db=db)
+    for rank, prefix in enumerate(sources):
+        start = prefix + (after or b"")
+        if not cursor.set_range(start):
+            continue
+        if after is not None and cursor.key() == start and not cursor.next():
+            continue
+        for count, (stored, value) in enumerate(cursor.iternext(), start=1):
+            if not stored.startswith(prefix):
+                break
+            key = stored[GENERATION_BYTES:]
+            entries.append((key, rank, value))
+            if count == share:
+                if bound is None or key < bound:
+                    bound = key
+                break
+    if bound is not None:
+        entries = [entry for entry in entries if entry[0] <= bound]
+    entries.sort()
+    previous: bytes | None = None
+    for key, _rank, value in entries:
+        if key == previous:
+            continue  # an older version of a key already copied
+        previous = key
+        if value == TOMBSTONE and not keep_tombstones:
+            continue
+        appended = raw.put(target + key, value, True, True, True, db)
+        assert appended, f"merge met key {key!r} out of order"
+    return bound, len(entries)
+
+
+def delete_step(
+    raw: Any, db: Any, sources: Sequence[bytes], budget: int
+) -> tuple[bool, int]:
+    """Delete up to `budget` keys of the `sources` runs, oldest run first;
+    return whether none is left, and how many were deleted.
+
+    Oldest first, because a merge that drops tombstones (when its sources
+    include the oldest run) leaves a key's newest tombstone in a source
+    until every older version of the key is gone.
+    """
+    deleted = 0
+    cursor = raw.cursor(db=db)
+    for prefix in reversed(sources):
+        found = cursor.set_range(prefix)
+        while found and cursor.key().startswith(prefix):
+            if deleted == budget:
+                return False, deleted
+            found = cursor.delete()
+            deleted += 1
+    return True, deleted
 
 
 def _masks(count: int) -> tuple[int, ...]:
@@ -177,7 +299,7 @@ class GenerationTree:
         """Delete `key` as written in generation `prefix`, leaving a tombstone
         when an older generation still has a value for it."""
         raw.delete(prefix + key, b"", self.db)
-        older = [p for p in prefixes if p < prefix]
+        older = prefixes[prefixes.index(prefix) + 1 :]
         if self.get(raw, older, key) is not None:
             raw.put(prefix + key, TOMBSTONE, True, True, False, self.db)
 

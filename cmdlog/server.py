@@ -192,9 +192,9 @@ class Server:
                 "Bytes of the LMDB map in use",
                 store.used_bytes(),
             ),
-            "cmdlog_store_generation": (
-                "Generation the ID index and state are written in",
-                store.newest_generation(),
+            "cmdlog_store_runs": (
+                "Runs of the ID index and state a read may look in",
+                len(store.runs_read()),
             ),
             "cmdlog_key_filter_bytes": (
                 "Memory of the key filters of the ID index and state",

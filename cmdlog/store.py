@@ -68,9 +68,16 @@ from cmdlog.errors import (
     VersionMismatch,
 )
 from cmdlog.generations import (
+    COPYING,
+    DELETING,
+    MERGED_PREFIX_BASE,
     GenerationTree,
+    Runs,
+    copy_step,
+    delete_step,
     generation_prefix,
-    newest_first,
+    pick_merge,
+    run_prefixes,
 )
 
 log = structlog.get_logger(__name__)
@@ -183,7 +190,12 @@ class Txn:
     """
 
     def __init__(
-        self, store: Store, txn: lmdb.Transaction, *, write: bool = False
+        self,
+        store: Store,
+        txn: lmdb.Transaction,
+        prefixes: tuple[bytes, ...],
+        *,
+        write: bool = False,
     ) -> None:
         self._store = store
         # lmdb's stubs type every read as bytes | memoryview; every transaction
@@ -192,33 +204,126 @@ class Txn:
         self._dbs = store._dbs
         self._ids = store._ids
         self._state = store._state
-        self._prefixes = store._prefixes
-        """Generations to read, newest first: the store's, which a writer
-        advances before it commits, so they cover this snapshot."""
+        self._prefixes = prefixes
+        """Runs to read, newest first (see `Store.read`)."""
         if store.readonly:
-            # Another process may be writing: read its generation here.
-            self._prefixes = newest_first(self.generation()[0])
+            # Another process may be writing: read its runs in this snapshot.
+            self._prefixes = self.runs_to_read()
         self._prefix = b""
         """The generation this transaction writes."""
+        self._first_seq = 0
+        self.after_commit: list[Callable[[], None]] = []
+        """What the store does once this transaction has committed."""
         if write:
             self._prefix = generation_prefix(self.generation()[0])
+            self._first_seq = self.log_last_seq()
 
     def generation(self) -> list[int]:
         """Return `[number, last seq before it]` of the generation being written."""
         found = self.meta_get("generation")
         return [0, 0] if found is None else found
 
-    def end_full_generation(self) -> None:
-        """Start a new generation if the one this transaction wrote is full.
+    def runs(self) -> Runs:
+        """Return the runs of the ID index and state, newest first."""
+        found = self.meta_get("runs")
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        return [[g, 0] for g in range(self.generation()[0], -1, -1)]
 
-        The store's readers look in it from now on, even if this transaction
-        aborts: a generation with nothing in it costs a lookup, no more.
+    def runs_to_read(self) -> tuple[bytes, ...]:
+        """Return the prefixes of the runs to read, newest first."""
+        return run_prefixes(self.runs(), self.meta_get("merge"))
+
+    def maintain(self) -> None:
+        """Start a new generation if the one this transaction wrote is full,
+        and move a merge on by a share of the commands it appended.
+
+        Reads look in a new generation and a merged run before the
+        transaction commits: a run with nothing in it yet costs a lookup,
+        and a merged run holds only copies of what its sources hold.
         """
         number, before = self.generation()
         last_seq = self.log_last_seq()
         if last_seq - before >= self._store.config.generation_commands:
+            runs = [[number + 1, 0], *self.runs()]
             self.meta_put("generation", [number + 1, last_seq])
-            self._store.reach_generation(number + 1)
+            self.meta_put("runs", runs)
+            self._store.publish_runs(self.runs_to_read())
+        per_command = self._store.config.merge_keys_per_command
+        budget = (last_seq - self._first_seq) * per_command
+        if budget > 0:
+            self._merge(budget)
+
+    def _merge(self, budget: int) -> None:
+        """Copy or delete up to `budget` keys for the running merge, or for
+        a new one if a level has enough runs."""
+        merge = self.meta_get("merge") or self._start_merge()
+        if merge is None:
+            return
+        trees = self._store.merge_trees()
+        sources = [generation_prefix(number) for number in merge["sources"]]
+        target = generation_prefix(merge["target"])
+        while budget > 0 and merge is not None:
+            names = [n for n in sorted(trees) if n >= merge["tree"]]
+            if not names:
+                merge = self._finish_phase(merge)
+                continue
+            name = names[0]
+            after = merge["after"] if name == merge["tree"] else None
+            if merge["phase"] == COPYING:
+                keep = merge["keep_tombstones"]
+                args = (self.raw, trees[name].db, sources, target, after, budget)
+                after, read = copy_step(*args, keep_tombstones=keep)
+                budget -= max(read, 1)
+                done = after is None
+            else:
+                done, deleted = delete_step(self.raw, trees[name].db, sources, budget)
+                budget -= max(deleted, 1)
+            # A name followed by NUL is the first name after it.
+            merge["tree"], merge["after"] = (
+                (name + "\x00", None) if done else (name, after)
+            )
+        if merge is not None:
+            self.meta_put("merge", merge)
+
+    def _start_merge(self) -> dict[str, Any] | None:
+        runs = self.runs()
+        picked = pick_merge(runs, self._store.config.merge_fan_in)
+        if picked is None:
+            return None
+        start, end = picked
+        counter = self.meta_get("merge_counter", 0)
+        self.meta_put("merge_counter", counter + 1)
+        return {
+            "sources": [number for number, _level in runs[start:end]],
+            "target": MERGED_PREFIX_BASE + counter,
+            "level": runs[start][1] + 1,
+            # Older runs may hold a value that a tombstone hides.
+            "keep_tombstones": end < len(runs),
+            "phase": COPYING,
+            "tree": "",
+            "after": None,
+        }
+
+    def _finish_phase(self, merge: dict[str, Any]) -> dict[str, Any] | None:
+        """End the copy phase (the merged run replaces its sources) or the
+        delete phase (the merge is over); return the merge as it goes on."""
+        store = self._store
+        if merge["phase"] == COPYING:
+            runs = self.runs()
+            start = [number for number, _level in runs].index(merge["sources"][0])
+            end = start + len(merge["sources"])
+            runs[start:end] = [[merge["target"], merge["level"]]]
+            self.meta_put("runs", runs)
+            merge = {**merge, "phase": DELETING, "tree": "", "after": None}
+            self.meta_put("merge", merge)
+            store.publish_runs(self.runs_to_read())
+            return merge
+        self.raw.delete(b"merge", b"", self._dbs["meta"])
+        final = self.runs_to_read()
+        self.after_commit.append(lambda: store.publish_runs(final))
+        log.info("runs_merged", runs=len(merge["sources"]), run_level=merge["level"])
+        return None
 
     # meta
 
@@ -536,7 +641,9 @@ class Store:
         self.config = config or StoreConfig()
         self.domains = list(domains)
         self.readonly = readonly
-        self._prefixes: tuple[bytes, ...] = newest_first(0)
+        self._runs_read: tuple[int, tuple[bytes, ...]] = (0, run_prefixes([[0, 0]]))
+        """A version number and the runs that reads look in, newest first:
+        replaced whole, so a reader gets both with one attribute read."""
         self._gate = _ReadGate()
         self._write_lock = threading.Lock()
         self._lock: DirectoryLock | None = None
@@ -607,30 +714,35 @@ class Store:
         self._state[domain] = GenerationTree(db, None)
 
     def _build_filters(self) -> None:
-        """Build the key filters from every stored key, and read the newest
-        generation."""
+        """Build the key filters from every stored key, and read the runs."""
         started = time.monotonic()
         with self.read() as txn:
-            self.reach_generation(txn.generation()[0])
+            self.publish_runs(txn.runs_to_read())
             for tree in (self._ids, *self._state.values()):
                 tree.build_filter(txn.raw)
         seconds = time.monotonic() - started
         if seconds > 1.0:
             log.info("key_filters_built", seconds=round(seconds, 3))
 
-    def newest_generation(self) -> int:
-        """Return the newest generation the store's reads look in."""
-        return len(self._prefixes) - 1
+    def runs_read(self) -> tuple[bytes, ...]:
+        """Return the runs reads look in, newest first."""
+        return self._runs_read[1]
 
     def filter_bytes(self) -> int:
         """Return the memory the key filters take."""
         trees = (self._ids, *self._state.values())
         return sum(t.filter.memory_bytes() for t in trees if t.filter is not None)
 
-    def reach_generation(self, number: int) -> None:
-        """Make reads look in generations up to `number`."""
-        if number >= len(self._prefixes):
-            self._prefixes = newest_first(number)
+    def publish_runs(self, prefixes: tuple[bytes, ...]) -> None:
+        """Make reads look in `prefixes`, newest first."""
+        self._runs_read = (self._runs_read[0] + 1, prefixes)
+
+    def merge_trees(self) -> dict[str, GenerationTree]:
+        """Return the trees a merge copies, by database name."""
+        trees = {"id_gens": self._ids}
+        for domain, tree in self._state.items():
+            trees[_STATE_PREFIX + domain] = tree
+        return trees
 
     def _check_format(self, *, readonly: bool, upgrade: bool) -> None:
         with self.read() as txn:
@@ -707,12 +819,28 @@ class Store:
         if b"id_seqs" in names:
             ids = self.env.open_db(b"id_seqs", create=False)
             moves.insert(0, _Move(ids, self._dbs["id_gens"], to_first_generation))
-        self._move_in_chunks(moves, "upgrade_generations_after", 3)
 
-    def _move_in_chunks(self, moves: list[_Move], progress: str, version: int) -> None:
+        def first_run(txn: Txn) -> None:
+            # Generation 0 holds everything stored: give it the level a run
+            # of its size would have, so merges do not copy it early.
+            entries = txn.count("id_gens")
+            level, size = 0, self.config.generation_commands
+            while size * self.config.merge_fan_in <= entries:
+                level, size = level + 1, size * self.config.merge_fan_in
+            txn.meta_put("runs", [[0, level]])
+
+        self._move_in_chunks(moves, "upgrade_generations_after", 3, first_run)
+
+    def _move_in_chunks(
+        self,
+        moves: list[_Move],
+        progress: str,
+        version: int,
+        finish: Callable[[Txn], None] | None = None,
+    ) -> None:
         """Copy every entry of each move's old database to its new one, in
         commits of `_UPGRADE_CHUNK_ENTRIES`, then drop the old databases and
-        record format `version`, all in the last commit.
+        record format `version` and run `finish`, all in the last commit.
 
         The progress recorded between commits holds the log's last seq too.
         An older release run on the store between two upgrade runs writes
@@ -761,6 +889,8 @@ class Store:
                 txn.raw.drop(move.old, delete=True)
             txn.raw.delete(progress.encode(), db=self._dbs["meta"])
             txn.meta_put("format_version", version)
+            if finish is not None:
+                finish(txn)
             return True
 
         while not self.write(move_chunk):
@@ -768,9 +898,21 @@ class Store:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
-        """Open a read-only transaction for the duration of the `with` block."""
-        with self._gate.shared(), self.env.begin(buffers=False) as txn:
-            yield Txn(self, txn)
+        """Open a read-only transaction for the duration of the `with` block.
+
+        The runs it reads are those published while its snapshot was taken:
+        the writer publishes a run that appears before the commit that
+        writes it, and drops one only after the commit that empties it.
+        """
+        with self._gate.shared():
+            while True:
+                version, prefixes = self._runs_read
+                raw = self.env.begin(buffers=False)
+                if self._runs_read[0] == version:
+                    break
+                raw.abort()
+            with raw:
+                yield Txn(self, raw, prefixes)
 
     def write(self, work: Callable[[Txn], T]) -> T:
         """Run `work` in one write transaction and commit it durably.
@@ -785,10 +927,12 @@ class Store:
             for _attempt in range(self.config.map_grow_attempts_max):
                 try:
                     with self.env.begin(write=True, buffers=False) as raw:
-                        txn = Txn(self, raw, write=True)
+                        txn = Txn(self, raw, self._runs_read[1], write=True)
                         result = work(txn)
-                        txn.end_full_generation()
-                        return result
+                        txn.maintain()
+                    for step in txn.after_commit:
+                        step()
+                    return result
                 except lmdb.MapFullError:
                     self._grow(reason="map_full")
                 except (lmdb.Error, OSError) as exc:

@@ -140,8 +140,15 @@ def scratch() -> Iterator[Path]:
         yield Path(path)
 
 
-def open_db(path: Path, horizon: int = 100_000, generation: int = 65_536) -> Database:
-    config = fast_store(undo_horizon_commands=horizon, generation_commands=generation)
+def open_db(
+    path: Path, horizon: int = 100_000, generation: int = 65_536, merge_keys: int = 8
+) -> Database:
+    config = fast_store(
+        undo_horizon_commands=horizon,
+        generation_commands=generation,
+        merge_fan_in=2,
+        merge_keys_per_command=merge_keys,
+    )
     return Database(path, APP, store_config=config)
 
 
@@ -155,28 +162,34 @@ def open_db(path: Path, horizon: int = 100_000, generation: int = 65_536) -> Dat
     copies=command_sets(),
     horizon=st.sampled_from([2, 100_000]),
     generation=st.sampled_from([1, 3, 65_536]),
+    merge_keys=st.sampled_from([1, 8]),
 )
 def test_any_delivery_matches_canonical_fold(
-    data: st.DataObject, copies: list[Command], horizon: int, generation: int
+    data: st.DataObject,
+    copies: list[Command],
+    horizon: int,
+    generation: int,
+    merge_keys: int,
 ) -> None:
     """Any delivery order and duplication gives the canonical fold's outcomes
     and digests, with rewinds inside the undo horizon and full re-folds
     beyond it, and a replay of the resulting log gives the same digests.
 
     The store starts a new generation of its ID index and state every 1 or
-    3 commands or almost never, and reopens at any point (which builds its
+    3 commands or almost never, merges every two runs of a level, a few
+    keys per commit or more, and reopens at any point (which builds its
     key filters again), so IDs and state keys are read, overwritten and
-    deleted across generations."""
+    deleted across generations and merges."""
     expected_outcomes, expected_state, expected_log = reference_fold(copies)
     batches = data.draw(deliveries(copies))
     reopen_after = data.draw(st.integers(0, len(batches)))
     with tempfile.TemporaryDirectory() as path:
-        db = open_db(Path(path), horizon, generation)
+        db = open_db(Path(path), horizon, generation, merge_keys)
         try:
             for position, batch in enumerate(batches):
                 if position == reopen_after:
                     db.close()
-                    db = open_db(Path(path), horizon, generation)
+                    db = open_db(Path(path), horizon, generation, merge_keys)
                 db.ingest(batch)
             status = db.status()
             assert status.commands == len(expected_outcomes)

@@ -7,6 +7,7 @@ an old ID, reads of an old state key, and readers in another process.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from cmdlog.generations import (
     KeyFilter,
     generation_prefix,
     newest_first,
+    pick_merge,
 )
+from cmdlog.store import Store
 from tests.conftest import fast_store
 
 keys = st.binary(min_size=1, max_size=40)
@@ -128,6 +131,119 @@ def test_tree_reads_as_a_dict(
                 prefix, key = stored_key[:4], stored_key[4:]
                 older = [p for p in newest_first(generation) if p < prefix]
                 assert GenerationTree(db, None).get(raw, older, key) is not None
+
+
+store_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "put", "delete", "id"]),
+        st.integers(0, 40),
+        st.binary(min_size=1, max_size=6),
+    ),
+    min_size=1,
+    max_size=160,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    ops=store_ops,
+    data=st.data(),
+    merge_keys=st.sampled_from([1, 3, 8]),
+    fan_in=st.sampled_from([2, 3]),
+)
+def test_store_reads_as_a_dict_through_merges(
+    tmp_path_factory: pytest.TempPathFactory,
+    ops: list[tuple[str, int, bytes]],
+    data: st.DataObject,
+    merge_keys: int,
+    fan_in: int,
+) -> None:
+    """State keys and IDs written over many generations read back as a dict
+    after every commit, while merges copy runs a few keys per commit and
+    delete their sources, across reopens. Once merges have caught up, the
+    runs left are few and every stored key is in one of them."""
+    path = tmp_path_factory.mktemp("store")
+    config = fast_store(
+        generation_commands=1, merge_fan_in=fan_in, merge_keys_per_command=merge_keys
+    )
+    store = Store(path, ["d"], config)
+    state: dict[bytes, bytes] = {}
+    ids: dict[str, int] = {}
+    seq = 0
+
+    def check() -> None:
+        with store.read() as txn:
+            for number in range(41):
+                key = b"k%d" % number
+                assert txn.state_get("d", key) == state.get(key), key
+                assert txn.id_get(f"id{number}") == ids.get(f"id{number}")
+
+    try:
+        position = 0
+        while position < len(ops):
+            size = data.draw(st.integers(1, 6))
+            chunk = ops[position : position + size]
+            position += size
+
+            def work(
+                txn: Any,
+                chunk: list[tuple[str, int, bytes]] = chunk,
+                first: int = seq + 1,
+            ) -> None:
+                for offset, (op, number, value) in enumerate(chunk, start=first):
+                    txn.log_append(offset, ["c", "t", {}, offset, "0"])
+                    if op == "put":
+                        txn.state_put("d", b"k%d" % number, value)
+                    elif op == "delete":
+                        txn.state_put("d", b"k%d" % number, None)
+                    else:
+                        txn.id_put(f"id{number}", offset)
+
+            store.write(work)
+            for op, number, value in chunk:
+                seq += 1
+                if op == "put":
+                    state[b"k%d" % number] = value
+                elif op == "delete":
+                    state.pop(b"k%d" % number, None)
+                else:
+                    ids[f"id{number}"] = seq
+            check()
+            if data.draw(st.integers(0, 4), label="reopen when 0") == 0:
+                store.close()
+                store = Store(path, ["d"], config)
+                check()
+
+        # Commits with nothing but a log entry let the merges catch up, with
+        # no new generation and a larger share of keys per command.
+        store.close()
+        catch_up = dataclasses.replace(
+            config, generation_commands=10**9, merge_keys_per_command=64
+        )
+        store = Store(path, ["d"], catch_up)
+        for _ in range(400):
+            seq += 1
+            store.write(lambda txn, at=seq: txn.log_append(at, ["c", "t", {}, at, "0"]))
+            with store.read() as txn:
+                if txn.meta_get("merge") is None and not pick_merge(txn.runs(), fan_in):
+                    break
+        check()
+        with store.read() as txn:
+            runs = txn.runs()
+            assert txn.meta_get("merge") is None
+            prefixes = set(txn.runs_to_read())
+            for name in ("id_gens", "state_gens.d"):
+                db = store.merge_trees()[name].db
+                for stored in txn.raw.cursor(db=db).iternext(values=False):
+                    assert stored[:4] in prefixes, stored
+        levels = max(level for _number, level in runs) + 1
+        assert len(runs) <= 1 + levels * (fan_in - 1), runs
+    finally:
+        store.close()
 
 
 def _submit(db: Database, key: str, type_name: str, payload: dict[str, Any]) -> bool:

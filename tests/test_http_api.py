@@ -1576,7 +1576,7 @@ async def test_metrics_prometheus_text(
     assert re.search(r"^# TYPE cmdlog_\w+ (counter|gauge|histogram)$", text, re.M)
     assert re.search(r"^cmdlog_commands \d", text, re.M), text[:500]
     assert re.search(r"^cmdlog_http_requests_total\{", text, re.M), text[:500]
-    assert re.search(r"^cmdlog_store_generation 0\.0$", text, re.M), text[:500]
+    assert re.search(r"^cmdlog_store_runs 1\.0$", text, re.M), text[:500]
     filters = re.search(r"^cmdlog_key_filter_bytes (\S+)$", text, re.M)
     # One first layer per tree (IDs, ledger, users): 64 Ki keys at 2 bytes.
     assert filters is not None and float(filters.group(1)) == 3 * 2 * 65_536

@@ -31,16 +31,17 @@ class StoreConfig:
     generation_commands: int = 65_536
     """Commands after which the ID index and the state start writing a new
     generation (see `cmdlog/generations.py`). Smaller keeps each commit's
-    random writes among fewer pages; larger makes fewer generations for a
-    read to look through when the key filter cannot rule a key out."""
+    random writes among fewer pages. Larger makes fewer runs for a read to
+    look through, and fewer merges."""
     merge_fan_in: int = 16
     """Runs of one level that a merge turns into one run of the next. A read
     of a key that is not in the newest runs looks through at most about
     this many runs per level."""
-    merge_keys_per_command: int = 8
-    """Keys a merge of generations may copy or delete per command a commit
-    appends. Each key is copied and deleted once per level, so 8 keeps up
-    with two levels at about 1.5 keys per command (an ID and half a charge)."""
+    merge_keys_per_command: int = 3
+    """Keys a merge of generations may move per command a commit appends,
+    twice as many while another merge waits. Each key moves once per level,
+    so 3 keeps up with one level at about 1.5 keys per command (an ID and
+    half a charge), and the doubling with two."""
     readers_max: int = 256
     durable: bool = True
     """Sync every commit to disk. Only tests of other things turn this off."""

@@ -24,12 +24,13 @@ never seen is absent without a read.
 So that a read of an old key (a late retry), or of a key the filter passes
 by mistake, does not look through every generation ever written, sealed
 generations are merged, as in a tiered LSM tree. Once
-`StoreConfig.merge_fan_in` runs of one level follow each other, they are
-copied in key order into one run of the next level, and deleted. A run is
-one prefix: a generation, or a merged run numbered from
-`MERGED_PREFIX_BASE` up, above every generation, so that copying into it
-appends. The store keeps the runs, newest first, as `[number, level]`
-pairs (`Runs`).
+`StoreConfig.merge_fan_in` runs of one level follow each other, their keys
+move in key order into one run of the next level, a few with each commit.
+A run is one prefix: a generation, or a merged run numbered from
+`MERGED_PREFIX_BASE` up, above every generation, so that moving keys into
+it appends. The store keeps the runs, newest first, as `[number, level]`
+pairs (`Runs`); while a merge runs, its run comes right before its
+sources.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ _GROWTH = 4
 
 
 MERGED_PREFIX_BASE = 1 << 31
-COPYING = "copy"
-DELETING = "delete"
 Runs = list[list[int]]
 """`[number, level]` of each run, newest first; the first is being written."""
 
@@ -64,16 +63,9 @@ def newest_first(newest: int) -> tuple[bytes, ...]:
     return tuple(generation_prefix(g) for g in range(newest, -1, -1))
 
 
-def run_prefixes(runs: Runs, merge: dict[str, Any] | None = None) -> tuple[bytes, ...]:
-    """Return the prefixes to read, newest first: the runs', and while a
-    finished merge deletes its sources, those right after its run. The run
-    holds the newest version of each of their keys, so they are read only
-    for keys it does not hold."""
-    numbers = [number for number, _level in runs]
-    if merge is not None and merge["phase"] == DELETING:
-        after = numbers.index(merge["target"]) + 1
-        numbers[after:after] = merge["sources"]
-    return tuple(generation_prefix(number) for number in numbers)
+def run_prefixes(runs: Runs) -> tuple[bytes, ...]:
+    """Return the prefixes of the runs to read, newest first."""
+    return tuple(generation_prefix(number) for number, _level in runs)
 
 
 def pick_merge(runs: Runs, fan_in: int) -> tuple[int, int] | None:
@@ -94,34 +86,30 @@ def pick_merge(runs: Runs, fan_in: int) -> tuple[int, int] | None:
     return None
 
 
-def copy_step(
+def move_step(
     raw: Any,
     db: Any,
     sources: Sequence[bytes],
     target: bytes,
-    after: bytes | None,
     budget: int,
     *,
     keep_tombstones: bool,
-) -> tuple[bytes | None, int]:
-    """Copy the next keys after `after` from the `sources` runs (newest
-    first) into `target`, the newest version of each key.
+) -> tuple[bool, int]:
+    """Move the first keys of the `sources` runs (newest first) into
+    `target`, the newest version of each; return whether none is left, and
+    the entries moved.
 
-    Returns the last key copied, or None when every key is, and the
-    entries read. Every key up to the returned one has been read from
-    every source: each source reads at most its share of `budget`, and
-    only keys up to the smallest last key of the sources that stopped
-    short are copied.
+    Each source reads at most its share of `budget`, and only keys up to
+    the smallest last key of the sources that stopped short move, so every
+    version of a key moves in the same transaction. A reader sees each key
+    in the merged run or in the sources, never in neither.
     """
     share = max(budget // len(sources), 1)
     entries: list[tuple[bytes, int, bytes]] = []
     bound: bytes | None = None
     cursor = raw.cursor(db=db)
     for rank, prefix in enumerate(sources):
-        start = prefix + (after or b"")
-        if not cursor.set_range(start):
-            continue
-        if after is not None and cursor.key() == start and not cursor.next():
+        if not cursor.set_range(prefix):
             continue
         for count, (stored, value) in enumerate(cursor.iternext(), start=1):
             if not stored.startswith(prefix):
@@ -136,37 +124,16 @@ def copy_step(
         entries = [entry for entry in entries if entry[0] <= bound]
     entries.sort()
     previous: bytes | None = None
-    for key, _rank, value in entries:
+    for key, rank, value in entries:
+        raw.delete(sources[rank] + key, b"", db)
         if key == previous:
-            continue  # an older version of a key already copied
+            continue  # an older version of a key already moved
         previous = key
         if value == TOMBSTONE and not keep_tombstones:
             continue
         appended = raw.put(target + key, value, True, True, True, db)
         assert appended, f"merge met key {key!r} out of order"
-    return bound, len(entries)
-
-
-def delete_step(
-    raw: Any, db: Any, sources: Sequence[bytes], budget: int
-) -> tuple[bool, int]:
-    """Delete up to `budget` keys of the `sources` runs, oldest run first;
-    return whether none is left, and how many were deleted.
-
-    Oldest first, because a merge that drops tombstones (when its sources
-    include the oldest run) leaves a key's newest tombstone in a source
-    until every older version of the key is gone.
-    """
-    deleted = 0
-    cursor = raw.cursor(db=db)
-    for prefix in reversed(sources):
-        found = cursor.set_range(prefix)
-        while found and cursor.key().startswith(prefix):
-            if deleted == budget:
-                return False, deleted
-            found = cursor.delete()
-            deleted += 1
-    return True, deleted
+    return bound is None, len(entries)
 
 
 def _masks(count: int) -> tuple[int, ...]:
@@ -255,8 +222,8 @@ class GenerationTree:
     """One LMDB database whose keys are kept in generations.
 
     Every method takes the raw py-lmdb transaction. Reads take the prefixes
-    of the generations to look in, newest first. Writes take the prefix of
-    the generation being written.
+    of the runs to look in, newest first. Writes take the prefix of the
+    generation being written.
     """
 
     __slots__ = ("_found", "db", "filter")

@@ -33,8 +33,10 @@ Named databases, each with its key and value layout:
 - `state_gens.DOMAIN`: one per domain, generation + handler key -> msgpack
   value, or empty for a key deleted while an older generation has a value
   for it.
-- `generation` in `meta`: `[number, last seq before it]` of the generation
-  being written.
+- In `meta`, for the generations: `generation`, `[number, last seq before
+  it]` of the one being written; `runs`, `[number, level]` of each run,
+  newest first; `merge`, how far a running merge got; `merge_counter`, the
+  merged runs made so far.
 
 Only the writer thread opens write transactions. Reads from other threads
 go through `read()`, which also lets the writer grow the map: LMDB allows
@@ -68,14 +70,11 @@ from cmdlog.errors import (
     VersionMismatch,
 )
 from cmdlog.generations import (
-    COPYING,
-    DELETING,
     MERGED_PREFIX_BASE,
     GenerationTree,
     Runs,
-    copy_step,
-    delete_step,
     generation_prefix,
+    move_step,
     pick_merge,
     run_prefixes,
 )
@@ -232,15 +231,15 @@ class Txn:
 
     def runs_to_read(self) -> tuple[bytes, ...]:
         """Return the prefixes of the runs to read, newest first."""
-        return run_prefixes(self.runs(), self.meta_get("merge"))
+        return run_prefixes(self.runs())
 
     def maintain(self) -> None:
         """Start a new generation if the one this transaction wrote is full,
         and move a merge on by a share of the commands it appended.
 
-        Reads look in a new generation and a merged run before the
-        transaction commits: a run with nothing in it yet costs a lookup,
-        and a merged run holds only copies of what its sources hold.
+        Reads look in a new generation or a merged run from before the
+        transaction commits (a run with nothing in it yet costs a lookup),
+        and in the sources of a merge until after the commit that ends it.
         """
         number, before = self.generation()
         last_seq = self.log_last_seq()
@@ -248,45 +247,48 @@ class Txn:
             runs = [[number + 1, 0], *self.runs()]
             self.meta_put("generation", [number + 1, last_seq])
             self.meta_put("runs", runs)
-            self._store.publish_runs(self.runs_to_read())
-        per_command = self._store.config.merge_keys_per_command
-        budget = (last_seq - self._first_seq) * per_command
+            self._store.publish_runs(run_prefixes(runs))
+        budget = (
+            last_seq - self._first_seq
+        ) * self._store.config.merge_keys_per_command
         if budget > 0:
             self._merge(budget)
 
     def _merge(self, budget: int) -> None:
-        """Copy or delete up to `budget` keys for the running merge, or for
-        a new one if a level has enough runs."""
+        """Move up to `budget` keys for the running merge, or for a new one
+        if a level has enough runs. A merge that another one waits behind
+        moves twice as many."""
         merge = self.meta_get("merge") or self._start_merge()
         if merge is None:
             return
+        runs = self.runs()
+        waiting = [run for run in runs if run[0] not in merge["sources"]]
+        if pick_merge(waiting, self._store.config.merge_fan_in) is not None:
+            budget *= 2
         trees = self._store.merge_trees()
         sources = [generation_prefix(number) for number in merge["sources"]]
         target = generation_prefix(merge["target"])
-        while budget > 0 and merge is not None:
+        while budget > 0:
             names = [n for n in sorted(trees) if n >= merge["tree"]]
             if not names:
-                merge = self._finish_phase(merge)
-                continue
-            name = names[0]
-            after = merge["after"] if name == merge["tree"] else None
-            if merge["phase"] == COPYING:
-                keep = merge["keep_tombstones"]
-                args = (self.raw, trees[name].db, sources, target, after, budget)
-                after, read = copy_step(*args, keep_tombstones=keep)
-                budget -= max(read, 1)
-                done = after is None
-            else:
-                done, deleted = delete_step(self.raw, trees[name].db, sources, budget)
-                budget -= max(deleted, 1)
-            # A name followed by NUL is the first name after it.
-            merge["tree"], merge["after"] = (
-                (name + "\x00", None) if done else (name, after)
+                self._finish_merge(merge, runs)
+                return
+            done, moved = move_step(
+                self.raw,
+                trees[names[0]].db,
+                sources,
+                target,
+                budget,
+                keep_tombstones=merge["keep_tombstones"],
             )
-        if merge is not None:
-            self.meta_put("merge", merge)
+            budget -= max(moved, 1)
+            # A name followed by NUL is the first name after it.
+            merge["tree"] = names[0] + "\x00" if done else names[0]
+        self.meta_put("merge", merge)
 
     def _start_merge(self) -> dict[str, Any] | None:
+        """Pick runs to merge and put the merged run before them, to be read
+        from now on."""
         runs = self.runs()
         picked = pick_merge(runs, self._store.config.merge_fan_in)
         if picked is None:
@@ -294,36 +296,29 @@ class Txn:
         start, end = picked
         counter = self.meta_get("merge_counter", 0)
         self.meta_put("merge_counter", counter + 1)
-        return {
+        target, level = MERGED_PREFIX_BASE + counter, runs[start][1] + 1
+        merge = {
             "sources": [number for number, _level in runs[start:end]],
-            "target": MERGED_PREFIX_BASE + counter,
-            "level": runs[start][1] + 1,
+            "target": target,
+            "level": level,
             # Older runs may hold a value that a tombstone hides.
             "keep_tombstones": end < len(runs),
-            "phase": COPYING,
             "tree": "",
-            "after": None,
         }
+        runs.insert(start, [target, level])
+        self.meta_put("runs", runs)
+        self._store.publish_runs(run_prefixes(runs))
+        return merge
 
-    def _finish_phase(self, merge: dict[str, Any]) -> dict[str, Any] | None:
-        """End the copy phase (the merged run replaces its sources) or the
-        delete phase (the merge is over); return the merge as it goes on."""
-        store = self._store
-        if merge["phase"] == COPYING:
-            runs = self.runs()
-            start = [number for number, _level in runs].index(merge["sources"][0])
-            end = start + len(merge["sources"])
-            runs[start:end] = [[merge["target"], merge["level"]]]
-            self.meta_put("runs", runs)
-            merge = {**merge, "phase": DELETING, "tree": "", "after": None}
-            self.meta_put("merge", merge)
-            store.publish_runs(self.runs_to_read())
-            return merge
+    def _finish_merge(self, merge: dict[str, Any], runs: Runs) -> None:
+        """Drop the sources, all empty now, from the runs; reads stop looking
+        in them once this transaction has committed."""
+        runs = [run for run in runs if run[0] not in merge["sources"]]
+        self.meta_put("runs", runs)
         self.raw.delete(b"merge", b"", self._dbs["meta"])
-        final = self.runs_to_read()
+        store, final = self._store, run_prefixes(runs)
         self.after_commit.append(lambda: store.publish_runs(final))
         log.info("runs_merged", runs=len(merge["sources"]), run_level=merge["level"])
-        return None
 
     # meta
 
@@ -827,7 +822,10 @@ class Store:
             level, size = 0, self.config.generation_commands
             while size * self.config.merge_fan_in <= entries:
                 level, size = level + 1, size * self.config.merge_fan_in
-            txn.meta_put("runs", [[0, level]])
+            # Commits of the upgrade may have started generations after 0,
+            # all empty: new writes go to the newest.
+            newest = txn.generation()[0]
+            txn.meta_put("runs", [[g, 0] for g in range(newest, 0, -1)] + [[0, level]])
 
         self._move_in_chunks(moves, "upgrade_generations_after", 3, first_run)
 

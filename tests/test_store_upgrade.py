@@ -22,7 +22,7 @@ from structlog.testing import LogCapture
 from cmdlog import codec, store
 from cmdlog.apps.example import app
 from cmdlog.cli import main
-from cmdlog.config import FORMAT_VERSION
+from cmdlog.config import FORMAT_VERSION, StoreConfig
 from cmdlog.database import Database
 from cmdlog.engine import prepare_submission
 from cmdlog.errors import VersionMismatch
@@ -62,9 +62,11 @@ def _raw_meta(path: Path, name: str) -> Any:
     return (None if data is None else codec.unpack(data)), names
 
 
-def _assert_reads_as_old_release_did(path: Path, version: int) -> None:
+def _assert_reads_as_old_release_did(
+    path: Path, version: int, config: StoreConfig | None = None
+) -> None:
     expected = _expected(version)
-    db = Database(path, app)
+    db = Database(path, app, store_config=config)
     try:
         for command_id, view in expected["views"].items():
             found = db.view(command_id)
@@ -108,6 +110,33 @@ def test_old_store_upgrades_in_place(
     assert found_version == FORMAT_VERSION
     assert not names & {b"ids", b"id_seqs", b"state.ledger", b"state.users"}
     assert {b"id_gens", b"state_gens.ledger", b"state_gens.users"} <= names
+    assert replay(old_dir, app).matches
+
+
+def test_upgrade_of_more_than_a_generation(
+    old_dir: Path, version: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store with more commands than one generation takes upgrades, in
+    several commits, into generation 0. Its next writes go to a newer one,
+    which reads find too, also after a reopen."""
+    monkeypatch.setattr(store, "_UPGRADE_CHUNK_ENTRIES", 2)
+    config = StoreConfig(generation_commands=2)
+    _assert_reads_as_old_release_did(old_dir, version, config)
+    deposit = ("after-upgrade", "ledger.deposit", {"account": "a", "amount": 1})
+    db = Database(old_dir, app, store_config=config)
+    try:
+        assert db.submit([prepare_submission(app, *deposit)])[0].created
+    finally:
+        db.close()
+    db = Database(old_dir, app, store_config=config)
+    try:
+        assert not db.submit([prepare_submission(app, *deposit)])[0].created
+        assert db.view("after-upgrade") is not None
+        assert db.view("k-open-a") is not None
+        with db.store.read() as txn:
+            assert txn.generation()[0] >= 1
+    finally:
+        db.close()
     assert replay(old_dir, app).matches
 
 

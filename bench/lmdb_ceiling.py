@@ -16,7 +16,9 @@ for them (read from `cmdlog/engine.py` and `cmdlog/store.py`), per command:
   one `undo` delete per command at the old end.
 
 A new generation starts after a commit that brings the commands since the
-last one to `StoreConfig.generation_commands`, as in the store. Values are
+last one to `StoreConfig.generation_commands`, as in the store. The store
+also merges old generations (see `cmdlog/generations.py`); those copies
+and deletes are not among these puts. Values are
 packed with cmdlog's codec in the engine's shapes, so key and value sizes
 match. Every charge is written as applied, while cmdlog rejects a few for
 insufficient funds and writes no state for those, so the ceiling does

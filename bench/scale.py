@@ -347,6 +347,8 @@ class AppendRun:
     """Time to open the store, key filters built from every stored key."""
     filter_bytes: int = 0
     """Memory of the key filters after the run."""
+    runs: int = 0
+    """Runs of the ID index and state a read may look in, after the run."""
 
 
 def measure_append(
@@ -394,6 +396,7 @@ def measure_append(
         if lookup_keys:
             run.lookups = measure_lookups(database, lookup_keys, seed=seed + 1)
         run.filter_bytes = database.store.filter_bytes()
+        run.runs = len(database.store.runs_read())
     finally:
         database.close()
     run.trees = tree_stats(data_dir)
@@ -707,6 +710,11 @@ def _expected_pages(name: str, random_puts: int) -> Getter:
     return expected
 
 
+def _runs_read(run: dict[str, Any]) -> float | None:
+    found = run.get("runs")
+    return None if found is None else float(found)
+
+
 def _lookup_us(kind: str) -> Getter:
     return lambda run: float(run["lookups"][kind])
 
@@ -796,6 +804,7 @@ def render_summary(results: dict[str, Any]) -> str:
             lambda run: run["filter_bytes"] / 1e6,
             "{:.1f}",
         ),
+        _row(results, "runs a read may look in, after the run", _runs_read),
     ]
     round_rows = [
         [

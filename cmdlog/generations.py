@@ -16,7 +16,7 @@ one generation, as in a new store. Older generations are only read.
 
 A read looks in the newest generation first and goes back until it finds
 the key. An empty value is a tombstone: the key was deleted while an older
-generation still has a value for it. Most lookups are for keys never
+generation (or run, below) still has a value for it. Most lookups are for keys never
 stored (a new ID, a new reference), which would read every generation, so a
 writable store keeps a `KeyFilter` per database, and a key the filter has
 never seen is absent without a read.
@@ -47,8 +47,6 @@ _WORD_BITS = 64
 _FILTER_KEYS_MIN = 1 << 16
 _FOUND_KEYS_MAX = 1 << 16
 _GROWTH = 4
-
-
 MERGED_PREFIX_BASE = 1 << 31
 Runs = list[list[int]]
 """`[number, level]` of each run, newest first; the first is being written."""

@@ -212,7 +212,7 @@ class Txn:
         """The generation this transaction writes."""
         self._first_seq = 0
         self.after_commit: list[Callable[[], None]] = []
-        """What the store does once this transaction has committed."""
+        """Steps the store takes once this transaction has committed."""
         if write:
             self._prefix = generation_prefix(self.generation()[0])
             self._first_seq = self.log_last_seq()
@@ -261,10 +261,12 @@ class Txn:
         merge = self.meta_get("merge") or self._start_merge()
         if merge is None:
             return
+
         runs = self.runs()
         waiting = [run for run in runs if run[0] not in merge["sources"]]
         if pick_merge(waiting, self._store.config.merge_fan_in) is not None:
             budget *= 2
+
         trees = self._store.merge_trees()
         sources = [generation_prefix(number) for number in merge["sources"]]
         target = generation_prefix(merge["target"])
@@ -691,10 +693,12 @@ class Store:
         self._ids = GenerationTree(self._dbs["id_gens"], None)
         for domain in self.domains:
             self._open_state_db(domain, create=not readonly)
+        self._merge_trees: dict[str, GenerationTree] = {}
         try:
             self._check_format(readonly=readonly, upgrade=upgrade)
             if not readonly:
                 self._build_filters()
+                self._merge_trees = self._find_merge_trees()
         except BaseException:
             self.env.close()
             raise
@@ -733,10 +737,22 @@ class Store:
         self._runs_read = (self._runs_read[0] + 1, prefixes)
 
     def merge_trees(self) -> dict[str, GenerationTree]:
-        """Return the trees a merge copies, by database name."""
+        """Return the trees a merge moves keys in, by database name."""
+        return self._merge_trees
+
+    def _find_merge_trees(self) -> dict[str, GenerationTree]:
+        """Return the ID index and every state database in the store: also
+        those of domains the app no longer has, so that their keys stay in
+        runs that reads look in if the domain comes back."""
         trees = {"id_gens": self._ids}
         for domain, tree in self._state.items():
             trees[_STATE_PREFIX + domain] = tree
+        with self.read() as txn:
+            names = [key for key, _value in txn.raw.cursor()]
+        for name in names:
+            text = name.decode()
+            if text.startswith(_STATE_PREFIX) and text not in trees:
+                trees[text] = GenerationTree(self.env.open_db(name), None)
         return trees
 
     def _check_format(self, *, readonly: bool, upgrade: bool) -> None:

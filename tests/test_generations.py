@@ -322,3 +322,42 @@ def test_read_only_store_follows_a_writer(tmp_path: Path) -> None:
     generation, *found = output.split()
     assert int(generation) >= 4
     assert found == ["True"] * 5 + ["False"]
+
+
+def test_merges_keep_state_of_a_domain_left_out(tmp_path: Path) -> None:
+    """Merges that run while the app lacks a domain still move that domain's
+    keys, so its state reads back when the domain returns."""
+    config = fast_store(generation_commands=1, merge_fan_in=2)
+    seq = 0
+
+    def write(store: Store, **state: bytes) -> None:
+        nonlocal seq
+        seq += 1
+
+        def work(txn: Any, at: int = seq) -> None:
+            txn.log_append(at, ["c", "t", {}, at, "0"])
+            for domain, value in state.items():
+                txn.state_put(domain, b"key", value)
+
+        store.write(work)
+
+    store = Store(tmp_path, ["a", "b"], config)
+    try:
+        write(store, a=b"1", b=b"kept")
+    finally:
+        store.close()
+    store = Store(tmp_path, ["a"], config)
+    try:
+        for i in range(40):
+            write(store, a=b"%d" % i)
+        with store.read() as txn:
+            assert len(txn.runs()) < 20
+    finally:
+        store.close()
+    store = Store(tmp_path, ["a", "b"], config)
+    try:
+        with store.read() as txn:
+            assert txn.state_get("b", b"key") == b"kept"
+            assert txn.state_get("a", b"key") == b"39"
+    finally:
+        store.close()

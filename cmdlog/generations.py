@@ -56,11 +56,6 @@ def generation_prefix(generation: int) -> bytes:
     return generation.to_bytes(GENERATION_BYTES, "big")
 
 
-def newest_first(newest: int) -> tuple[bytes, ...]:
-    """Return the prefixes of generations `newest` down to 0."""
-    return tuple(generation_prefix(g) for g in range(newest, -1, -1))
-
-
 def run_prefixes(runs: Runs) -> tuple[bytes, ...]:
     """Return the prefixes of the runs to read, newest first."""
     return tuple(generation_prefix(number) for number, _level in runs)
@@ -94,13 +89,13 @@ def move_step(
     keep_tombstones: bool,
 ) -> tuple[bool, int]:
     """Move the first keys of the `sources` runs (newest first) into
-    `target`, the newest version of each; return whether none is left, and
-    the entries moved.
+    `target`, keeping the newest version of each. Return whether no key is
+    left, and how many entries moved.
 
-    Each source reads at most its share of `budget`, and only keys up to
-    the smallest last key of the sources that stopped short move, so every
-    version of a key moves in the same transaction. A reader sees each key
-    in the merged run or in the sources, never in neither.
+    Each source reads at most its share of `budget`. Only keys up to the
+    smallest last key of the sources that stopped short move, so every
+    version of a key moves in the same transaction, and a reader finds each
+    key in the merged run or in the sources.
     """
     share = max(budget // len(sources), 1)
     entries: list[tuple[bytes, int, bytes]] = []
@@ -161,15 +156,16 @@ class KeyFilter:
     key, a full layer passes about one key in 200 that was never added.
 
     The filter grows by layers: once the newest has as many keys as it was
-    sized for, a layer four times as large takes the new ones. (A test reads
-    every layer, so fewer and larger layers test faster.) Nothing is ever removed,
-    so a key deleted from the database still passes and costs one lookup.
+    sized for, a layer four times as large takes the new ones. A test reads
+    every layer, so fewer and larger layers test faster. Nothing is ever
+    removed, so a key deleted from the database still passes and costs one
+    lookup.
     `hash()` of bytes differs between processes (PYTHONHASHSEED), so a
     filter is built from the database each time the store opens.
 
     One thread adds while others test. A key's bits are set before the
-    transaction that stores it commits, so a reader that can see the key
-    also sees its bits.
+    transaction that stores it commits, so a reader that can read the key
+    also finds its bits.
     """
 
     __slots__ = ("_layers", "_room")

@@ -210,11 +210,13 @@ class Txn:
             self._prefixes = self.runs_to_read()
         self._prefix = b""
         """The generation this transaction writes."""
+        self._generation = [0, 0]
         self._first_seq = 0
         self.after_commit: list[Callable[[], None]] = []
         """Steps the store takes once this transaction has committed."""
         if write:
-            self._prefix = generation_prefix(self.generation()[0])
+            self._generation = self.generation()
+            self._prefix = generation_prefix(self._generation[0])
             self._first_seq = self.log_last_seq()
 
     def generation(self) -> list[int]:
@@ -241,7 +243,7 @@ class Txn:
         transaction commits (a run with nothing in it yet costs a lookup),
         and in the sources of a merge until after the commit that ends it.
         """
-        number, before = self.generation()
+        number, before = self._generation
         last_seq = self.log_last_seq()
         if last_seq - before >= self._store.config.generation_commands:
             runs = [[number + 1, 0], *self.runs()]
@@ -747,13 +749,16 @@ class Store:
         trees = {"id_gens": self._ids}
         for domain, tree in self._state.items():
             trees[_STATE_PREFIX + domain] = tree
-        with self.read() as txn:
-            names = [key for key, _value in txn.raw.cursor()]
-        for name in names:
+        for name in self._database_names():
             text = name.decode()
             if text.startswith(_STATE_PREFIX) and text not in trees:
                 trees[text] = GenerationTree(self.env.open_db(name), None)
         return trees
+
+    def _database_names(self) -> list[bytes]:
+        """Return the names of the named databases in the environment."""
+        with self.read() as txn:
+            return [key for key, _value in txn.raw.cursor()]
 
     def _check_format(self, *, readonly: bool, upgrade: bool) -> None:
         with self.read() as txn:
@@ -814,8 +819,7 @@ class Store:
         def to_first_generation(key: bytes, value: bytes) -> tuple[bytes, bytes]:
             return first + key, value
 
-        with self.read() as txn:
-            names = [key for key, _value in txn.raw.cursor()]
+        names = self._database_names()
         moves = [
             _Move(
                 self.env.open_db(name, create=False),
@@ -832,8 +836,8 @@ class Store:
             moves.insert(0, _Move(ids, self._dbs["id_gens"], to_first_generation))
 
         def first_run(txn: Txn) -> None:
-            # Generation 0 holds everything stored: give it the level a run
-            # of its size would have, so merges do not copy it early.
+            # Generation 0 contains everything stored, so give it the level a
+            # run of its size would have, and merges do not copy it early.
             entries = txn.count("id_gens")
             level, size = 0, self.config.generation_commands
             while size * self.config.merge_fan_in <= entries:
@@ -856,7 +860,7 @@ class Store:
         commits of `_UPGRADE_CHUNK_ENTRIES`, then drop the old databases and
         record format `version` and run `finish`, all in the last commit.
 
-        The progress recorded between commits holds the log's last seq too.
+        The progress recorded between commits contains the log's last seq too.
         An older release run on the store between two upgrade runs writes
         the old databases behind the point reached, and appends to the log
         whenever it does, so a changed last seq makes the moves start over.

@@ -28,13 +28,18 @@ from cmdlog.generations import (
     GenerationTree,
     KeyFilter,
     generation_prefix,
-    newest_first,
     pick_merge,
+    run_prefixes,
 )
 from cmdlog.store import Store
 from tests.conftest import fast_store
 
 keys = st.binary(min_size=1, max_size=40)
+
+
+def newest_first(newest: int) -> tuple[bytes, ...]:
+    """Return the prefixes of generations `newest` down to 0, unmerged."""
+    return run_prefixes([[g, 0] for g in range(newest, -1, -1)])
 
 
 @settings(max_examples=50, deadline=None)
@@ -50,7 +55,7 @@ def test_filter_keeps_every_key_added(
     assert all(key in key_filter for key in added)
 
 
-def test_filter_grows_and_keeps_false_positives_rare() -> None:
+def test_filter_growth_keeps_false_positives_rare() -> None:
     """Filled to eight times its first size, so with two full layers and a
     third, the filter still rejects at least 98.5% of keys never added
     (about 0.5% pass each full layer), and every added key passes."""
@@ -133,6 +138,11 @@ def test_tree_reads_as_a_dict(
                 assert GenerationTree(db, None).get(raw, older, key) is not None
 
 
+def _append_entry(txn: Any, seq: int) -> None:
+    """Append a log entry, which counts toward the generation's commands."""
+    txn.log_append(seq, ["c", "t", {}, seq, "0"])
+
+
 store_ops = st.lists(
     st.tuples(
         st.sampled_from(["put", "put", "delete", "id"]),
@@ -155,7 +165,7 @@ store_ops = st.lists(
     merge_keys=st.sampled_from([1, 3, 8]),
     fan_in=st.sampled_from([2, 3]),
 )
-def test_store_reads_as_a_dict_through_merges(
+def test_store_reads_as_dict_through_merges(
     tmp_path_factory: pytest.TempPathFactory,
     ops: list[tuple[str, int, bytes]],
     data: st.DataObject,
@@ -195,7 +205,7 @@ def test_store_reads_as_a_dict_through_merges(
                 first: int = seq + 1,
             ) -> None:
                 for offset, (op, number, value) in enumerate(chunk, start=first):
-                    txn.log_append(offset, ["c", "t", {}, offset, "0"])
+                    _append_entry(txn, offset)
                     if op == "put":
                         txn.state_put("d", b"k%d" % number, value)
                     elif op == "delete":
@@ -227,7 +237,7 @@ def test_store_reads_as_a_dict_through_merges(
         store = Store(path, ["d"], catch_up)
         for _ in range(400):
             seq += 1
-            store.write(lambda txn, at=seq: txn.log_append(at, ["c", "t", {}, at, "0"]))
+            store.write(lambda txn, at=seq: _append_entry(txn, at))
             with store.read() as txn:
                 if txn.meta_get("merge") is None and not pick_merge(txn.runs(), fan_in):
                     break
@@ -324,7 +334,7 @@ def test_read_only_store_follows_a_writer(tmp_path: Path) -> None:
     assert found == ["True"] * 5 + ["False"]
 
 
-def test_merges_keep_state_of_a_domain_left_out(tmp_path: Path) -> None:
+def test_merge_keeps_removed_domain_state(tmp_path: Path) -> None:
     """Merges that run while the app lacks a domain still move that domain's
     keys, so its state reads back when the domain returns."""
     config = fast_store(generation_commands=1, merge_fan_in=2)
@@ -335,7 +345,7 @@ def test_merges_keep_state_of_a_domain_left_out(tmp_path: Path) -> None:
         seq += 1
 
         def work(txn: Any, at: int = seq) -> None:
-            txn.log_append(at, ["c", "t", {}, at, "0"])
+            _append_entry(txn, at)
             for domain, value in state.items():
                 txn.state_put(domain, b"key", value)
 

@@ -10,6 +10,11 @@ last sequence number, state overlay) is paid once per group, not once per
 request. A caller's future resolves only after the commit that contains its
 command has synced. If the commit fails, every job in it fails with the
 same error and nothing of theirs is stored.
+
+Jobs reach the thread once per event loop iteration, as one list: the jobs
+that the iteration's requests queued. A hand-over per job cost each request
+a wake-up of the thread, and the thread a GIL hand-off, while the loop was
+still reading the other requests of its group.
 """
 
 from __future__ import annotations
@@ -60,9 +65,15 @@ class Writer:
         self.config = config or WriterConfig()
         # SimpleQueue is several times cheaper than Queue. It has no bound, but
         # only the event loop's thread puts, so a size check before each put is one.
-        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job] | object] = queue.SimpleQueue()
+        self._gathered: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        """Jobs queued in the current iteration of each loop, not handed over yet."""
+        self._waiting = 0
+        """Jobs queued and not resolved yet; read and written by the event loop only."""
         self._thread = threading.Thread(target=self._run, name="cmdlog-writer")
         self._stopping = False
+        self._carried: list[_Job] = []
+        """Jobs taken from the queue that did not fit in the last group."""
         self.commits = 0
         self.commands_committed = 0
         self.on_commit: list[Callable[[], None]] = []
@@ -72,7 +83,8 @@ class Writer:
         self._thread.start()
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Return the number of jobs queued or being committed."""
+        return self._waiting
 
     async def run(self, work: Callable[[Txn], Any], *, size: int = 1) -> Any:
         """Run `work(txn)` in the next group commit and return its result.
@@ -97,29 +109,49 @@ class Writer:
     ) -> Any:
         if self._stopping:
             raise ShuttingDown("the node is shutting down; retry on another node")
-        if self._queue.qsize() >= self.config.queue_requests_max:
+        if self._waiting >= self.config.queue_requests_max:
             raise Overloaded(
                 f"the write queue is full ({self.config.queue_requests_max} "
                 "requests); retry after a short wait"
             )
         loop = asyncio.get_running_loop()
         job = _Job(work, size, loop, loop.create_future(), submissions)
-        self._queue.put(job)
-        return await job.future
+        gathered = self._gathered.get(loop)
+        if gathered is None:
+            gathered = self._gathered[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        gathered.append(job)
+        self._waiting += 1
+        try:
+            return await job.future
+        finally:
+            self._waiting -= 1
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Pass the jobs that `loop` gathered in this iteration to the thread."""
+        jobs = self._gathered.pop(loop, None)
+        if jobs:
+            self._queue.put(jobs)
 
     async def stop(self) -> None:
         """Commit every queued job, then end the thread."""
         self._stopping = True
+        # Jobs gathered in this iteration go first, so they commit before the stop.
+        for loop in list(self._gathered):
+            self._hand_over(loop)
         self._queue.put(_STOP)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def _run(self) -> None:
         last_release = time.monotonic()
         while True:
-            try:
-                first = self._queue.get(timeout=RELEASE_INTERVAL_S)
-            except queue.Empty:
-                first = None
+            first: list[_Job] | object | None = self._carried
+            self._carried = []
+            if not first:
+                try:
+                    first = self._queue.get(timeout=RELEASE_INTERVAL_S)
+                except queue.Empty:
+                    first = None
             jobs, stop = self._drain(first)
             if jobs:
                 self._commit(jobs)
@@ -129,25 +161,36 @@ class Writer:
             if stop:
                 return
 
-    def _drain(self, first: _Job | object | None) -> tuple[list[_Job], bool]:
+    def _drain(self, first: list[_Job] | object | None) -> tuple[list[_Job], bool]:
+        """Return the next group of jobs, from `first` on, and whether the stop
+        came.
+
+        A group ends once it contains `batch_commands_max` commands; the jobs of
+        a list that did not fit wait in `_carried` for the next group.
+        """
         if first is None:
             return [], False
         if first is _STOP:
             return [], True
-        assert isinstance(first, _Job)
-        jobs = [first]
-        size = first.size
-        while size < self.config.batch_commands_max:
+        assert isinstance(first, list)
+        jobs: list[_Job] = []
+        size = 0
+        listed = first
+        while True:
+            for index, job in enumerate(listed):
+                if size >= self.config.batch_commands_max:
+                    self._carried = listed[index:]
+                    return jobs, False
+                jobs.append(job)
+                size += job.size
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return jobs, False
             if item is _STOP:
                 return jobs, True
-            assert isinstance(item, _Job)
-            jobs.append(item)
-            size += item.size
-        return jobs, False
+            assert isinstance(item, list)
+            listed = item
 
     def _commit(self, jobs: list[_Job]) -> None:
         try:

@@ -11,9 +11,10 @@ import pytest
 
 from cmdlog.app import App
 from cmdlog.apps.ledger import ledger
+from cmdlog.config import WriterConfig
 from cmdlog.database import Database
 from cmdlog.engine import Accepted, Submission, prepare_submission
-from cmdlog.errors import KeyReused
+from cmdlog.errors import KeyReused, Overloaded
 from cmdlog.store import Txn
 from cmdlog.writer import Writer
 from tests.conftest import fast_store
@@ -40,7 +41,8 @@ async def one_group(writer: Writer, calls: list[Any]) -> list[Any]:
     await asyncio.sleep(0)
     writer.start()
     try:
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        gathered = asyncio.gather(*tasks, return_exceptions=True)
+        return await asyncio.wait_for(gathered, timeout=10)
     finally:
         await writer.stop()
 
@@ -97,3 +99,42 @@ async def test_writer_failure_fails_whole_group(database: Database) -> None:
     assert writer.commits == 0
     assert database.status().commands == 0
     assert database.view("k1") is None
+
+
+async def test_writer_splits_large_groups(database: Database) -> None:
+    writer = Writer(database, WriterConfig(batch_commands_max=3))
+    calls = [writer.submit([opening(f"k{n}", f"a{n}")]) for n in range(7)]
+
+    results = await one_group(writer, calls)
+
+    # 7 one-command jobs handed over together make groups of 3, 3 and 1.
+    assert writer.commits == 3
+    assert [result[0].command.id for result in results] == [f"k{n}" for n in range(7)]
+    assert all(result[0].created for result in results)
+    assert database.status().commands == 7
+
+
+async def test_writer_stop_commits_gathered_jobs(database: Database) -> None:
+    writer = Writer(database)
+    writer.start()
+    # The job is gathered for this loop iteration; stop() runs before the
+    # iteration's hand-over.
+    pending = asyncio.ensure_future(writer.submit([opening("k1", "a1")]))
+    await asyncio.sleep(0)
+    await writer.stop()
+
+    [accepted] = await asyncio.wait_for(pending, timeout=5)
+    assert isinstance(accepted, Accepted) and accepted.created
+    assert database.view("k1") is not None
+
+
+async def test_writer_rejects_over_queue_bound(database: Database) -> None:
+    writer = Writer(database, WriterConfig(queue_requests_max=2))
+    calls = [writer.submit([opening(f"k{n}", f"a{n}")]) for n in range(3)]
+
+    results = await one_group(writer, calls)
+
+    assert [type(result) for result in results[:2]] == [list, list]
+    assert isinstance(results[2], Overloaded)
+    assert writer.queued() == 0
+    assert database.status().commands == 2

@@ -3,21 +3,31 @@
 Counters and histograms are updated where events happen; gauges that
 mirror the store (counts, map size, queue depths and their limits) are read
 at scrape time by a collector, so they cannot drift from the truth.
+
+The per-request series (requests by route and status, their latency, and
+client commands by result) are plain counts kept by the event loop and
+turned into metric families at scrape time, which runs on the same loop.
+A prometheus_client child takes a lock for every update, and its histogram
+looks for the bucket in a Python loop.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # The *_created series double every counter's output and nothing here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -52,33 +62,60 @@ class _GaugeCollector(Collector):
                 yield GaugeMetricFamily(name, help_text, value=value)
 
 
+class _RequestCollector(Collector):
+    """The per-request counts, rendered as metric families at scrape time.
+
+    Updates and scrapes must come from one thread, the event loop's.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        """Requests by (method, route, status)."""
+        self.latency: dict[str, list[float]] = {}
+        """Per route: the count in each bucket of `LATENCY_BUCKETS_S`, then
+        the count above them all, then the sum of the durations."""
+        self.commands = dict.fromkeys(COMMAND_RESULTS, 0)
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "cmdlog_http_requests",
+            "HTTP requests handled, by route and status",
+            labels=["method", "route", "status"],
+        )
+        for (method, route, status), count in self.requests.items():
+            requests.add_metric([method, route, str(status)], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "cmdlog_http_request_duration_seconds",
+            "Time from request start to response, by route",
+            labels=["route"],
+        )
+        bounds = [*map(floatToGoString, LATENCY_BUCKETS_S), "+Inf"]
+        for route, counts in self.latency.items():
+            cumulative = 0.0
+            buckets = []
+            for bound, in_bucket in zip(bounds, counts[:-1], strict=True):
+                cumulative += in_bucket
+                buckets.append((bound, cumulative))
+            latency.add_metric([route], buckets, sum_value=counts[-1])
+        yield latency
+        commands = CounterMetricFamily(
+            "cmdlog_client_commands",
+            "Client commands by result: " + ", ".join(COMMAND_RESULTS),
+            labels=["result"],
+        )
+        for result, count in self.commands.items():
+            commands.add_metric([result], count)
+        yield commands
+
+
 class Metrics:
     """The node's metrics and the registry that exposes them."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.http_requests = Counter(
-            "cmdlog_http_requests",
-            "HTTP requests handled, by route and status",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
-        self.http_latency = Histogram(
-            "cmdlog_http_request_duration_seconds",
-            "Time from request start to response, by route",
-            ["route"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.commands = Counter(
-            "cmdlog_client_commands",
-            "Client commands by result: " + ", ".join(COMMAND_RESULTS),
-            ["result"],
-            registry=self.registry,
-        )
-        self._command_results = {
-            result: self.commands.labels(result) for result in COMMAND_RESULTS
-        }
+        self._requests = _RequestCollector()
+        self.registry.register(self._requests)
         self.commits = Counter(
             "cmdlog_commits", "Durable group commits", registry=self.registry
         )
@@ -91,9 +128,6 @@ class Metrics:
         )
         self._stream_sent = stream_entries.labels("sent")
         self._stream_skipped = stream_entries.labels("skipped")
-        # labels() costs more than the update itself, so each request's
-        # children are looked up once and kept.
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def count_stream_entries(self, *, sent: int, skipped: int) -> None:
         """Count the log entries one stream frame covered."""
@@ -102,7 +136,7 @@ class Metrics:
 
     def count_commands(self, result: str, count: int = 1) -> None:
         """Count client commands by result, one of `COMMAND_RESULTS`."""
-        self._command_results[result].inc(count)
+        self._requests.commands[result] += count
 
     def observe_request(
         self, method: str, route: str, status: int, duration_s: float
@@ -111,15 +145,16 @@ class Metrics:
         if method not in HTTP_METHODS:
             method = "other"  # a client picks the method, so keep the label set small
         key = (method, route, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.http_requests.labels(method, route, str(status)),
-                self.http_latency.labels(route),
+        requests = self._requests.requests
+        requests[key] = requests.get(key, 0) + 1
+        counts = self._requests.latency.get(route)
+        if counts is None:
+            counts = self._requests.latency[route] = [0.0] * (
+                len(LATENCY_BUCKETS_S) + 2
             )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(duration_s)
+        # A bucket counts the durations up to and including its bound.
+        counts[bisect_left(LATENCY_BUCKETS_S, duration_s)] += 1
+        counts[-1] += duration_s
 
     def add_gauges(self, read: Callable[[], dict[str, tuple[str, GaugeValue]]]) -> None:
         """Register a function returning `{name: (help, value)}` read at scrape time."""

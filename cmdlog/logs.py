@@ -64,9 +64,18 @@ class _Stream:
 
     def write(self, line: str | bytes, *, access: bool) -> None:
         data = (line if isinstance(line, bytes) else line.encode()) + b"\n"
+        if access:
+            self.write_access(data)
+            return
         with self._lock:
             self._pending += data
-            if access and self._buffered and len(self._pending) < _BUFFER_BYTES:
+            self._write_pending()
+
+    def write_access(self, data: bytes) -> None:
+        """Write access lines, `data` ending in a newline, or hold them."""
+        with self._lock:
+            self._pending += data
+            if self._buffered and len(self._pending) < _BUFFER_BYTES:
                 return
             self._write_pending()
 
@@ -155,7 +164,9 @@ def log_request(
         "level": "info",
         "timestamp": _utc_timestamp(),
     }
-    _stream.write(orjson.dumps(event, default=repr), access=True)
+    _stream.write_access(
+        orjson.dumps(event, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+    )
 
 
 def _utc_timestamp() -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -146,69 +147,95 @@ def respond_error(request: web.Request, error: CmdlogError) -> web.Response:
 # middlewares
 
 
-@web.middleware
-async def handle_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as JSON or msgpack, log one line per request."""
-    started = time.monotonic()
-    state = exchange(request)
-    response: web.StreamResponse
-    try:
-        if state.requested_version is not None:
-            raise _version_error(state.requested_version)
-        if state.expectation is not None:
-            _check_expectation(request, state.expectation)
-        response = await handler(request)
-    except CmdlogError as error:
-        if not isinstance(error, ClientError):
-            log.warning("request_failed", code=error.code, error=error.message)
-        if isinstance(error, BodyTimeout):
-            state.close_after_response = True
-        response = respond_error(request, error)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[NODE].config.http.body_bytes_max
-        response = respond_error(
-            request,
-            PayloadTooLarge(
-                f"body is larger than the limit of {limit} bytes; split it into "
-                "smaller requests"
-            ),
-        )
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        http_error = ClientError(_http_error_message(request, exc))
-        http_error.status = exc.status
-        http_error.code = exc.reason.lower().replace(" ", "_")
-        response = respond_error(request, http_error)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-    except Exception as exc:
-        log.error("request_crashed", path=request.path, exc_info=exc)
-        internal = CmdlogError("internal error; retry the request with the same key")
-        internal.code = "internal_error"
-        response = respond_error(request, internal)
+def make_middleware(limits: Limits, metrics: Metrics, credentials: Credentials) -> Any:
+    """Return the one middleware that every request passes through.
 
-    if request.body_exists and _awaits_continue(request, state):
-        # The client may never send its body, and that includes a 417 for a
-        # list with 100-continue in it. On a connection kept open, the node
-        # would read the client's next request as that body.
-        state.close_after_response = True
-    if state.close_after_response:
-        response.force_close()
-    duration_s = time.monotonic() - started
-    route = _route_name(request)
-    request.app[METRICS].observe_request(
-        request.method, route, response.status, duration_s
-    )
-    if request.path != "/replicate":
-        log_request(
-            request.method,
-            request.path,
-            response.status,
-            round(duration_s * 1000, 2),
-            state.command_id,
+    It checks the request line and the Expect header, admits the request
+    under the connection and in-flight bounds, checks the token, runs the
+    handler, renders every error as JSON or msgpack, and logs one line per
+    request. One middleware with plain checks costs each request less than
+    a middleware per concern, each a coroutine around the next.
+    """
+    authenticate = make_auth(credentials)
+
+    @web.middleware
+    async def handle_errors(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        started = time.monotonic()
+        state = exchange(request)
+        path = request.path
+        admitted = False
+        response: web.StreamResponse
+        try:
+            if state.requested_version is not None:
+                raise _version_error(state.requested_version)
+            if state.expectation is not None:
+                _check_expectation(request, state.expectation)
+            admitted = limits.admit(path)
+            authenticate(request, path)
+            response = await handler(request)
+        except CmdlogError as error:
+            if not isinstance(error, ClientError):
+                log.warning("request_failed", code=error.code, error=error.message)
+            if isinstance(error, BodyTimeout):
+                state.close_after_response = True
+            response = respond_error(request, error)
+        except web.HTTPRequestEntityTooLarge:
+            limit = limits.config.body_bytes_max
+            response = respond_error(
+                request,
+                PayloadTooLarge(
+                    f"body is larger than the limit of {limit} bytes; split it "
+                    "into smaller requests"
+                ),
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            http_error = ClientError(_http_error_message(request, exc))
+            http_error.status = exc.status
+            http_error.code = exc.reason.lower().replace(" ", "_")
+            response = respond_error(request, http_error)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+        except Exception as exc:
+            log.error("request_crashed", path=path, exc_info=exc)
+            internal = CmdlogError(
+                "internal error; retry the request with the same key"
+            )
+            internal.code = "internal_error"
+            response = respond_error(request, internal)
+        finally:
+            if admitted:
+                limits.release()
+
+        if (
+            state.expectation is not None
+            and request.body_exists
+            and _awaits_continue(request, state)
+        ):
+            # The client may never send its body, and that includes a 417 for
+            # a list with 100-continue in it. On a connection kept open, the
+            # node would read the client's next request as that body.
+            state.close_after_response = True
+        if state.close_after_response:
+            response.force_close()
+        duration_s = time.monotonic() - started
+        metrics.observe_request(
+            request.method, _route_name(request), response.status, duration_s
         )
-    return response
+        if path != "/replicate":
+            log_request(
+                request.method,
+                path,
+                response.status,
+                round(duration_s * 1000, 2),
+                state.command_id,
+            )
+        return response
+
+    return handle_errors
 
 
 def _awaits_continue(request: web.Request, state: Exchange) -> bool:
@@ -327,6 +354,9 @@ class Limits:
     async def read(self, request: web.Request) -> bytes:
         """Read the request's body, unless `end_body_reads` (ShuttingDown) or
         `end_stalled_reads` (BodyTimeout) ends the wait."""
+        if request.content.is_eof():
+            # The whole body has arrived, so the read cannot stall.
+            return await request.read()
         task = asyncio.current_task()
         assert task is not None, "a request body is read outside a task"
         self._body_readers[task] = [request.content, -1, 0.0]
@@ -402,12 +432,14 @@ class Limits:
         task.cancel()
         return True
 
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        if request.path == "/healthz":
-            return await handler(request)
+    def admit(self, path: str) -> bool:
+        """Count a request to `path` in flight, or raise ShuttingDown or
+        Overloaded (503). Return False for /healthz, which is not counted.
+
+        A caller that got True calls `release` when the request ends.
+        """
+        if path == "/healthz":
+            return False
         if self.draining:
             raise ShuttingDown(
                 "the node is shutting down; retry the request on another node"
@@ -428,26 +460,26 @@ class Limits:
             )
         self.in_flight += 1
         self._idle.clear()
-        try:
-            return await handler(request)
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+        return True
+
+    def release(self) -> None:
+        """End a request that `admit` counted."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
 
 
 LIMITS = web.AppKey("limits", Limits)
 
 
-def make_auth(credentials: Credentials) -> Callable[..., Any]:
-    @web.middleware
-    async def authenticate(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        if not credentials.enabled or request.path in UNAUTHENTICATED_PATHS:
-            return await handler(request)
+def make_auth(credentials: Credentials) -> Callable[[web.Request, str], None]:
+    """Return the token check of a request to a path; it raises Unauthorized."""
+
+    def authenticate(request: web.Request, path: str) -> None:
+        if not credentials.enabled or path in UNAUTHENTICATED_PATHS:
+            return
         header = request.headers.get("Authorization")
-        if request.path == "/replicate":
+        if path == "/replicate":
             if credentials.scoped and credentials.peer_token is None:
                 raise Unauthorized(
                     "/replicate needs the peer token, and this node has none: a "
@@ -467,7 +499,6 @@ def make_auth(credentials: Credentials) -> Callable[..., Any]:
                     "'Authorization: Bearer <token>' with your token"
                 )
             exchange(request).principal = principal
-        return await handler(request)
 
     return authenticate
 
@@ -499,19 +530,22 @@ async def read_body(request: web.Request) -> Any:
     `Expect: 100-continue` gets 100 Continue only once they pass.
     """
     limit = request.app[NODE].config.http.body_bytes_max
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise PayloadTooLarge(
-            f"body of {request.content_length} bytes is over the limit of {limit} "
-            "bytes; split it into smaller requests"
+            f"body of {length} bytes is over the limit of {limit} bytes; split "
+            "it into smaller requests"
         )
-    # Two Content-Encoding headers make one list, and aiohttp's parser decodes
-    # by the last header alone, so a list of two or more is rejected.
-    encodings = request.headers.getall("Content-Encoding", ("identity",))
-    encoding = ", ".join(encodings).strip().lower()
-    if encoding not in _CONTENT_ENCODINGS:
-        raise unsupported_encoding(encoding)
-    fmt = wire.body_format(request.headers.get("Content-Type"))
-    await _send_continue(request)
+    headers = request.headers
+    if "Content-Encoding" in headers:
+        # Two Content-Encoding headers make one list, and aiohttp's parser
+        # decodes by the last header alone, so a list of two or more is rejected.
+        encoding = ", ".join(headers.getall("Content-Encoding")).strip().lower()
+        if encoding not in _CONTENT_ENCODINGS:
+            raise unsupported_encoding(encoding)
+    fmt = wire.body_format(headers.get("Content-Type"))
+    if exchange(request).expectation is not None:
+        await _send_continue(request)
     try:
         data = await request.app[LIMITS].read(request)
     except web_protocol.RequestPayloadError as exc:
@@ -591,13 +625,21 @@ def _peer_serving(node: Node, type_name: str) -> str | None:
     return None
 
 
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]+")
+"""Pattern of an ID that a URL path segment takes as it is (RFC 3986's
+unreserved characters), so it skips `urllib.parse.quote`."""
+
+
 def _accepted_response(
     request: web.Request, result: Accepted, metrics: Metrics
 ) -> web.Response:
     view = command_view(result.command, result.outcome)
     if result.created:
         metrics.count_commands("created")
-        location = "/commands/" + urllib.parse.quote(result.command.id, safe="")
+        command_id = result.command.id
+        if not _URL_SAFE.fullmatch(command_id):
+            command_id = urllib.parse.quote(command_id, safe="")
+        location = "/commands/" + command_id
         return respond(request, view, 201, {"Location": location})
     metrics.count_commands("replayed")
     return respond(request, view, 200, {"Idempotent-Replayed": "true"})
@@ -740,11 +782,7 @@ def create_app(node: Node, metrics: Metrics | None = None) -> web.Application:
     metrics = metrics or Metrics()
     limits = Limits(node)
     app = web.Application(
-        middlewares=[
-            handle_errors,
-            limits.middleware,
-            make_auth(node.config.credentials),
-        ],
+        middlewares=[make_middleware(limits, metrics, node.config.credentials)],
         client_max_size=node.config.http.body_bytes_max,
     )
     app[NODE] = node

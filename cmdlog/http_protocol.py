@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import (
     BadStatusLine,
@@ -189,6 +189,8 @@ class RequestHandler(web.RequestHandler):
 
 
 _HTTP1 = frozenset({HttpVersion10, HttpVersion11})
+_PARSE_FAILED = web_protocol.ERROR
+"""The message aiohttp passes for each request that its parser rejected."""
 
 
 def _checked_requests(
@@ -213,6 +215,11 @@ def _checked_requests(
     """
 
     def make_request(message: RawRequestMessage, *args: object) -> web.BaseRequest:
+        if message is _PARSE_FAILED:
+            # aiohttp builds the request of a parse error from a stand-in
+            # message that names HTTP/1.0, which the status line would repeat.
+            message = message._replace(version=HttpVersion11)
+            return factory(message, *args)
         expectation = None
         if hdrs.EXPECT in message.headers:
             expectation = ", ".join(message.headers.getall(hdrs.EXPECT))

@@ -10,11 +10,13 @@ REPLY_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class RawReply:
-    """A response read off the socket: status, headers (names in lower case), body."""
+    """A response read off the socket: status, headers (names in lower case),
+    body, and the version its status line names."""
 
     status: int
     headers: dict[str, str]
     body: bytes
+    version: str
 
 
 async def raw_request(
@@ -42,7 +44,8 @@ async def read_reply(reader: asyncio.StreamReader) -> RawReply:
     for line in header_lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    return RawReply(int(status_line.split(" ")[1]), headers, body)
+    version, status = status_line.split(" ")[:2]
+    return RawReply(int(status), headers, body, version)
 
 
 def command_head(port: int, key: str, content_length: int) -> bytes:

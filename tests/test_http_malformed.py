@@ -246,6 +246,7 @@ async def test_unparsable_request_rejected(
         health_status = health.status
 
     assert reply.status == 400, reply
+    assert reply.version == "HTTP/1.1", reply
     assert reply.headers.get("content-type") == JSON, reply
     body = json.loads(reply.body)
     assert list(body) == ["error"], body
@@ -271,6 +272,27 @@ async def test_other_version_gets_http_1_1(
         writer.close()
     assert data.startswith(b"HTTP/1.1 400 "), data[:100]
     assert b"\r\nConnection: close\r\n" in data, data[:400]
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+async def test_parser_encoding_error_gets_http_1_1(
+    corpus_node: NodeProcess, encoding: str
+) -> None:
+    """A body in br or zstd, which aiohttp's parser rejects while it reads
+    the headers, gets 415 under an HTTP/1.1 status line, as any other error."""
+    head = command_head(corpus_node.port, f"enc-{encoding}", len(_OPEN_BODY))
+    head = head.replace(
+        b"\r\n\r\n", f"\r\nContent-Encoding: {encoding}\r\n\r\n".encode()
+    )
+    reader, writer = await raw_request("127.0.0.1", corpus_node.port, head + _OPEN_BODY)
+    try:
+        reply = await read_reply(reader)
+    finally:
+        writer.close()
+
+    assert reply.status == 415, reply
+    assert reply.version == "HTTP/1.1", reply
+    assert json.loads(reply.body)["error"]["code"] == "unsupported_media_type"
 
 
 async def test_unparsable_request_logged(corpus_node: NodeProcess) -> None:

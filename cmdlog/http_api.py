@@ -192,6 +192,8 @@ def make_middleware(limits: Limits, metrics: Metrics, credentials: Credentials) 
             )
         except web.HTTPException as exc:
             if exc.status < 400:
+                # A redirect goes out as aiohttp renders it, counted and logged here.
+                _account(request, metrics, path, exc.status, started, state)
                 raise
             http_error = ClientError(_http_error_message(request, exc))
             http_error.status = exc.status
@@ -221,21 +223,27 @@ def make_middleware(limits: Limits, metrics: Metrics, credentials: Credentials) 
             state.close_after_response = True
         if state.close_after_response:
             response.force_close()
-        duration_s = time.monotonic() - started
-        metrics.observe_request(
-            request.method, _route_name(request), response.status, duration_s
-        )
-        if path != "/replicate":
-            log_request(
-                request.method,
-                path,
-                response.status,
-                round(duration_s * 1000, 2),
-                state.command_id,
-            )
+        _account(request, metrics, path, response.status, started, state)
         return response
 
     return handle_errors
+
+
+def _account(
+    request: web.Request,
+    metrics: Metrics,
+    path: str,
+    status: int,
+    started: float,
+    state: Exchange,
+) -> None:
+    """Count the request in /metrics and write its access log line."""
+    duration_s = time.monotonic() - started
+    metrics.observe_request(request.method, _route_name(request), status, duration_s)
+    if path != "/replicate":
+        log_request(
+            request.method, path, status, round(duration_s * 1000, 2), state.command_id
+        )
 
 
 def _awaits_continue(request: web.Request, state: Exchange) -> bool:

@@ -78,6 +78,7 @@ async def test_rolling_upgrade_adds_refunds(node_factory: Factory) -> None:
         writers = [asyncio.create_task(writer(i)) for i in range(4)]
         refunds: list[tuple[str, str, int]] = []
         redirected: list[str] = []
+        redirects_counted: list[str] = []
         async with aiohttp.ClientSession() as session:
             for index, node in enumerate(nodes):
                 await asyncio.sleep(0.5)
@@ -103,6 +104,14 @@ async def test_rolling_upgrade_adds_refunds(node_factory: Factory) -> None:
                         line for line in metrics_text.splitlines()
                         if line.startswith(series)
                     ]  # fmt: skip
+                    series = (
+                        'cmdlog_http_requests_total{method="POST",'
+                        'route="/commands",status="307"}'
+                    )
+                    redirects_counted = [
+                        line for line in metrics_text.splitlines()
+                        if line.startswith(series)
+                    ]  # fmt: skip
             stop.set()
             await asyncio.gather(*writers)
 
@@ -116,6 +125,14 @@ async def test_rolling_upgrade_adds_refunds(node_factory: Factory) -> None:
     assert failures == []
     assert redirected
     assert float(redirected[0].split()[-1]) == 5
+    # Each redirect is a request in /metrics and a line in the log.
+    assert redirects_counted
+    assert float(redirects_counted[0].split()[-1]) == 5
+    redirect_lines = [
+        line for line in nodes[1].log_text().splitlines()
+        if '"request_handled"' in line and '"status":307' in line
+    ]  # fmt: skip
+    assert len(redirect_lines) == 5
     assert len(refunds) == 15
     assert all(view["outcome"]["status"] == "applied" for view in refund_views)
     assert all(state["pending"] == 0 for state in states)

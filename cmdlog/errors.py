@@ -118,6 +118,14 @@ class UnsupportedMediaType(ClientError):
     status = 415
 
 
+class UnsupportedTransferCoding(ClientError):
+    """A body with a transfer coding other than chunked, answered 501 as RFC 9112
+    (section 6.1) recommends."""
+
+    code = "unsupported_transfer_coding"
+    status = 501
+
+
 class ExpectationFailed(ClientError):
     """The Expect header contains an expectation other than 100-continue."""
 

@@ -50,6 +50,7 @@ from cmdlog.errors import (
     Unauthorized,
     UnknownCommandType,
     UnsupportedMediaType,
+    UnsupportedTransferCoding,
     ValidationError,
 )
 from cmdlog.logs import log_request
@@ -551,6 +552,8 @@ async def read_body(request: web.Request) -> Any:
         encoding = ", ".join(headers.getall("Content-Encoding")).strip().lower()
         if encoding not in _CONTENT_ENCODINGS:
             raise unsupported_encoding(encoding)
+    if "Transfer-Encoding" in headers:
+        _check_transfer_coding(headers.getall("Transfer-Encoding"))
     fmt = wire.body_format(headers.get("Content-Type"))
     if exchange(request).expectation is not None:
         await _send_continue(request)
@@ -567,6 +570,22 @@ async def read_body(request: web.Request) -> Any:
     if not data:
         raise MalformedBody("body is empty; send a command as JSON or msgpack")
     return wire.decode(data, fmt)
+
+
+def _check_transfer_coding(values: list[str]) -> None:
+    """Raise 501 unless chunked is the body's only transfer coding.
+
+    aiohttp's parser decodes chunked and ignores any coding listed before
+    it, so the node would read such a body without undoing that coding.
+    """
+    codings = [part.strip().lower() for value in values for part in value.split(",")]
+    if codings != ["chunked"]:
+        raise UnsupportedTransferCoding(
+            f"Transfer-Encoding {', '.join(codings)[:80]!r} is not supported, so "
+            "nothing was recorded; send the body with Transfer-Encoding: chunked "
+            "alone, or with a Content-Length, and compress it with "
+            "Content-Encoding: gzip if needed"
+        )
 
 
 def _require_map(value: Any, what: str, fields: tuple[str, ...]) -> dict[str, Any]:

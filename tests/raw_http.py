@@ -48,6 +48,15 @@ async def read_reply(reader: asyncio.StreamReader) -> RawReply:
     return RawReply(int(status), headers, body, version)
 
 
+async def raw_exchange(host: str, port: int, request: bytes) -> RawReply:
+    """Send `request` as it is on a new connection and read its one response."""
+    reader, writer = await raw_request(host, port, request)
+    try:
+        return await read_reply(reader)
+    finally:
+        writer.close()
+
+
 def command_head(port: int, key: str, content_length: int) -> bytes:
     """Return the head of a JSON `POST /commands` that closes its connection,
     up to and including the blank line before the body."""

@@ -22,7 +22,13 @@ import pytest
 
 from tests.malformed_corpus import CASES, MalformedCase
 from tests.nodes import NodeProcess
-from tests.raw_http import REPLY_TIMEOUT_S, command_head, raw_request, read_reply
+from tests.raw_http import (
+    REPLY_TIMEOUT_S,
+    command_head,
+    raw_exchange,
+    raw_request,
+    read_reply,
+)
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -284,15 +290,34 @@ async def test_parser_encoding_error_gets_http_1_1(
     head = head.replace(
         b"\r\n\r\n", f"\r\nContent-Encoding: {encoding}\r\n\r\n".encode()
     )
-    reader, writer = await raw_request("127.0.0.1", corpus_node.port, head + _OPEN_BODY)
-    try:
-        reply = await read_reply(reader)
-    finally:
-        writer.close()
+    reply = await raw_exchange("127.0.0.1", corpus_node.port, head + _OPEN_BODY)
 
     assert reply.status == 415, reply
     assert reply.version == "HTTP/1.1", reply
     assert json.loads(reply.body)["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("codings", ["gzip, chunked", "identity, chunked"])
+async def test_transfer_coding_besides_chunked_rejected(
+    corpus_node: NodeProcess, session: aiohttp.ClientSession, codings: str
+) -> None:
+    """A body with a transfer coding before chunked, which aiohttp's parser
+    ignores, gets 501 and records nothing."""
+    count = await command_count(session, corpus_node)
+    head = (
+        "POST /commands HTTP/1.1\r\nHost: x\r\n"
+        f"Idempotency-Key: te-{uuid.uuid4().hex}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Transfer-Encoding: {codings}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_OPEN_BODY), _OPEN_BODY)
+    reply = await raw_exchange("127.0.0.1", corpus_node.port, head + chunked)
+
+    assert reply.status == 501, reply
+    error = json.loads(reply.body)["error"]
+    assert error["code"] == "unsupported_transfer_coding", error
+    assert "chunked alone" in error["message"], error
+    assert await command_count(session, corpus_node) == count
 
 
 async def test_unparsable_request_logged(corpus_node: NodeProcess) -> None:
@@ -388,11 +413,7 @@ async def test_undecodable_gzip_body_logged_once(corpus_node: NodeProcess) -> No
         f"Idempotency-Key: {key}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    reader, writer = await raw_request("127.0.0.1", corpus_node.port, head + body)
-    try:
-        reply = await read_reply(reader)
-    finally:
-        writer.close()
+    reply = await raw_exchange("127.0.0.1", corpus_node.port, head + body)
     await asyncio.sleep(0.2)
 
     assert reply.status == 400, reply

@@ -657,16 +657,26 @@ _URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]+")
 unreserved characters), so it skips `urllib.parse.quote`."""
 
 
+def _path_segment(command_id: str) -> str:
+    """Return `command_id` as one URL path segment.
+
+    The IDs `.` and `..` are percent-encoded, because a client resolving
+    the URL would remove them as dot segments (RFC 3986, section 5.2.4).
+    """
+    if command_id in (".", ".."):
+        return "%2E" * len(command_id)
+    if _URL_SAFE.fullmatch(command_id):
+        return command_id
+    return urllib.parse.quote(command_id, safe="")
+
+
 def _accepted_response(
     request: web.Request, result: Accepted, metrics: Metrics
 ) -> web.Response:
     view = command_view(result.command, result.outcome)
     if result.created:
         metrics.count_commands("created")
-        command_id = result.command.id
-        if not _URL_SAFE.fullmatch(command_id):
-            command_id = urllib.parse.quote(command_id, safe="")
-        location = "/commands/" + command_id
+        location = "/commands/" + _path_segment(result.command.id)
         return respond(request, view, 201, {"Location": location})
     metrics.count_commands("replayed")
     return respond(request, view, 200, {"Idempotent-Replayed": "true"})

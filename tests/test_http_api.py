@@ -1367,6 +1367,25 @@ async def test_get_percent_encoded_ids(
         assert found.body == created.body, key
 
 
+@pytest.mark.parametrize("key", [".", ".."])
+async def test_dot_ids_get_followable_location(
+    api_node: NodeProcess, session: aiohttp.ClientSession, key: str
+) -> None:
+    """The IDs '.' and '..' get a Location with percent-encoded dots, which a
+    client resolving the URL keeps, and which leads to the command."""
+    created = await post_command(
+        session, api_node, open_command(unique("acct")), key=key
+    )
+    assert created.status == 201, created.body
+    location = created.headers["Location"]
+
+    found = await get(session, api_node, location)
+
+    assert location == "/commands/" + "%2E" * len(key)
+    assert found.status == 200, found.body
+    assert found.body["id"] == key
+
+
 @pytest.mark.parametrize(
     "command_id", ["absent", "absent/with/slashes", "absent%", "absent?q", "absent#f"]
 )

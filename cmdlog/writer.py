@@ -63,13 +63,13 @@ class Writer:
     def __init__(self, database: Database, config: WriterConfig | None = None) -> None:
         self.database = database
         self.config = config or WriterConfig()
-        # SimpleQueue is several times cheaper than Queue. It has no bound, but
-        # only the event loop's thread puts, so a size check before each put is one.
+        # SimpleQueue is several times cheaper than Queue. It has no bound, so
+        # _enqueue bounds the number of jobs waiting instead.
         self._queue: queue.SimpleQueue[list[_Job] | object] = queue.SimpleQueue()
         self._gathered: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         """Jobs queued in the current iteration of each loop, not handed over yet."""
         self._waiting = 0
-        """Jobs queued and not resolved yet; read and written by the event loop only."""
+        """Jobs whose callers still wait for a result. Only the event loop uses it."""
         self._thread = threading.Thread(target=self._run, name="cmdlog-writer")
         self._stopping = False
         self._carried: list[_Job] = []

@@ -119,8 +119,8 @@ class UnsupportedMediaType(ClientError):
 
 
 class UnsupportedTransferCoding(ClientError):
-    """A body with a transfer coding other than chunked, answered 501 as RFC 9112
-    (section 6.1) recommends."""
+    """A body with a transfer coding other than chunked. RFC 9112 (section 6.1)
+    has a server respond 501 to a transfer coding it does not implement."""
 
     code = "unsupported_transfer_coding"
     status = 501

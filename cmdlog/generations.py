@@ -16,10 +16,10 @@ one generation, as in a new store. Older generations are only read.
 
 A read looks in the newest generation first and goes back until it finds
 the key. An empty value is a tombstone: the key was deleted while an older
-generation (or run, below) still has a value for it. Most lookups are for keys never
-stored (a new ID, a new reference), which would read every generation, so a
-writable store keeps a `KeyFilter` per database, and a key the filter has
-never seen is absent without a read.
+generation (or run, below) still has a value for it. Most lookups are for
+keys never stored (a new ID, a new reference), which would read every
+generation, so a writable store keeps a `KeyFilter` per database, and a key
+the filter has never seen is absent without a read.
 
 So that a read of an old key (a late retry), or of a key the filter passes
 by mistake, does not look through every generation ever written, sealed

@@ -72,7 +72,8 @@ class _Stream:
             self._write_pending()
 
     def write_access(self, data: bytes) -> None:
-        """Write access lines, `data` ending in a newline, or hold them."""
+        """Add access lines (`data`, ending in a newline) to the buffer, and
+        write the buffer once it is full, or at once to a terminal."""
         with self._lock:
             self._pending += data
             if self._buffered and len(self._pending) < _BUFFER_BYTES:

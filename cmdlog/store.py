@@ -890,7 +890,7 @@ class Store:
                 while found and moved < _UPGRADE_CHUNK_ENTRIES:
                     key, value = cursor.item()
                     # The old database yields its keys in order and the new
-                    # one holds only keys before them, so every put appends.
+                    # one contains only keys before them, so every put appends.
                     new_key, new_value = move.convert(key, value)
                     appended = txn.raw.put(new_key, new_value, db=move.new, append=True)
                     assert appended, f"upgrade met key {key!r} out of order"

@@ -165,7 +165,7 @@ class Writer:
         """Return the next group of jobs, from `first` on, and whether the stop
         came.
 
-        A group ends once it contains `batch_commands_max` commands; the jobs of
+        A group ends once it contains `batch_commands_max` commands. The jobs of
         a list that did not fit wait in `_carried` for the next group.
         """
         if first is None:

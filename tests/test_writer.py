@@ -117,7 +117,7 @@ async def test_writer_splits_large_groups(database: Database) -> None:
 async def test_writer_stop_commits_gathered_jobs(database: Database) -> None:
     writer = Writer(database)
     writer.start()
-    # The job is gathered for this loop iteration; stop() runs before the
+    # The job is gathered for this loop iteration, and stop() runs before the
     # iteration's hand-over.
     pending = asyncio.ensure_future(writer.submit([opening("k1", "a1")]))
     await asyncio.sleep(0)
